@@ -1,0 +1,148 @@
+"""The gateway's errors, and the problem+json contract they map to.
+
+Every refusal a client can see is a ``GatewayError`` with a stable machine ``code``
+and an HTTP status (RFC 9457 problem details)::
+
+    GatewayError
+    ├── InvalidToken            401 invalid_token
+    ├── InsufficientTokens      402 insufficient_tokens
+    ├── PlanForbidden           403 plan_forbidden
+    ├── UnknownOrganization     403 unknown_organization
+    ├── NoRoute                 404 no_route
+    ├── UpstreamError           502 upstream_error
+    ├── UpstreamTimeout         504 upstream_timeout
+    └── LedgerUnavailable       503 ledger_unavailable
+
+Operator-facing failures that never reach a client as such:
+
+    ConfigError                 rules.yaml (or the environment) is invalid; lists every error
+    LedgerError                 a ledger operation was refused (already settled, over the held amount, ...)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class GatewayError(Exception):
+    """A refusal with an HTTP status and a stable machine code."""
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        problem: dict[str, Any] = {
+            "type": f"https://metering-gateway.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "code": self.code,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            problem["instance"] = instance
+        problem.update(self.extra)
+        return problem
+
+    def response(
+        self, *, instance: str | None = None, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        all_headers = {**self.headers, **(headers or {})}
+        return web.Response(
+            status=self.status,
+            body=json.dumps(self.body(instance)).encode(),
+            content_type=PROBLEM_JSON,
+            headers=all_headers,
+        )
+
+
+class InvalidToken(GatewayError):
+    status = 401
+    code = "invalid_token"
+    title = "Invalid token"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(
+            detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}, **extra
+        )
+
+
+class InsufficientTokens(GatewayError):
+    status = 402
+    code = "insufficient_tokens"
+    title = "Insufficient tokens"
+
+
+class PlanForbidden(GatewayError):
+    status = 403
+    code = "plan_forbidden"
+    title = "Not included in your plan"
+
+
+class UnknownOrganization(GatewayError):
+    status = 403
+    code = "unknown_organization"
+    title = "Unknown organization"
+
+
+class NoRoute(GatewayError):
+    status = 404
+    code = "no_route"
+    title = "No route"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    code = "upstream_error"
+    title = "Upstream error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+    title = "Upstream timeout"
+
+
+class LedgerUnavailable(GatewayError):
+    status = 503
+    code = "ledger_unavailable"
+    title = "Ledger unavailable"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``errors`` holds every problem, each prefixed by its path."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {e}" for e in self.errors)
+
+
+class LedgerError(Exception):
+    """A ledger operation was refused; ``reason`` is a stable word such as
+    ``already_committed``, ``already_refunded``, ``expired``, ``exceeds_amount``, ``not_found``,
+    ``unknown_organization``, ``invalid_amount``, ``unknown_plan``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
