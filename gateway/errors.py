@@ -16,7 +16,8 @@ and an HTTP status (RFC 9457 problem details)::
 Operator-facing failures that never reach a client as such:
 
     ConfigError                 rules.yaml (or the environment) is invalid; lists every error
-    LedgerError                 a ledger operation was refused (already settled, over the held amount, ...)
+    LedgerError                 a ledger operation was refused (already settled, over the
+                                held amount, ...)
 """
 
 from __future__ import annotations

@@ -210,9 +210,7 @@ class Route:
         return self.config.cost
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.methods is None or method in self.methods) and bool(
-            self.pattern.match(path)
-        )
+        return (self.methods is None or method in self.methods) and bool(self.pattern.match(path))
 
 
 @dataclass(frozen=True)
@@ -270,8 +268,8 @@ def parse_rules(raw_bytes: bytes, source: str = "rules.yaml") -> Rules:
     routes = tuple(
         Route(
             index=i,
-            name=r.name or f"{r.method if isinstance(r.method, str) else ','.join(r.method)} "
-            f"{r.path}",
+            name=r.name
+            or f"{r.method if isinstance(r.method, str) else ','.join(r.method)} {r.path}",
             methods=_methods(r.method),
             pattern=compile_path(r.path),
             config=r,

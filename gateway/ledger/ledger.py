@@ -24,9 +24,7 @@ from gateway.errors import LedgerError, LedgerUnavailable
 log = logging.getLogger("gateway.ledger")
 
 Clock = Callable[[], datetime]
-ReserveStatus = Literal[
-    "ok", "duplicate", "unknown_organization", "plan_forbidden", "insufficient"
-]
+ReserveStatus = Literal["ok", "duplicate", "unknown_organization", "plan_forbidden", "insufficient"]
 
 # Errors that mean "the ledger cannot answer now", as opposed to a refusal.
 _UNAVAILABLE = (
@@ -117,9 +115,7 @@ class Ledger:
     """Balances, reservations and the journal. Safe to share between tasks; any number of
     gateway processes may use one database at once."""
 
-    def __init__(
-        self, pool: asyncpg.Pool, *, clock: Clock = utcnow, timeout: float = 5.0
-    ) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, clock: Clock = utcnow, timeout: float = 5.0) -> None:
         self._pool = pool
         self.clock = clock
         self._timeout = timeout
@@ -133,7 +129,7 @@ class Ledger:
         clock: Clock = utcnow,
         min_size: int = 2,
         max_size: int = 20,
-        timeout: float = 5.0,
+        timeout: float = 5.0,  # noqa: ASYNC109 - passed on to asyncpg as its timeouts
     ) -> Ledger:
         """Open a connection pool. Raises ``LedgerUnavailable`` when the server cannot be
         reached within ``timeout`` seconds."""
@@ -188,18 +184,24 @@ class Ledger:
         applied_now: list[str] = []
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+                # Replicas starting together migrate one at a time.
                 await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext('metering-gateway:' || current_schema()))"
+                    "SELECT pg_advisory_xact_lock("
+                    "hashtext('metering-gateway:' || current_schema()))"
                 )
                 await conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations ("
                     " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                done = {
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
                 for name, text in migrations:
                     if name not in done:
                         await conn.execute(text)
-                        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", name)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version) VALUES ($1)", name
+                        )
                         applied_now.append(name)
                 await conn.execute(_sql("functions.sql"))
         except _UNAVAILABLE as exc:
@@ -212,7 +214,9 @@ class Ledger:
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
                 await conn.execute("LOCK TABLE plans IN EXCLUSIVE MODE")
-                await conn.execute("DELETE FROM plans WHERE NOT (name = ANY($1::text[]))", list(plans))
+                await conn.execute(
+                    "DELETE FROM plans WHERE NOT (name = ANY($1::text[]))", list(plans)
+                )
                 await conn.executemany(
                     "INSERT INTO plans (name, period) VALUES ($1, $2)"
                     " ON CONFLICT (name) DO UPDATE SET period = EXCLUDED.period",

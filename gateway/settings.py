@@ -1,0 +1,30 @@
+"""Settings from the environment. rules.yaml says what is sold; these say where things are."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None  # None: start an embedded PostgreSQL in data_dir
+    database_schema: str | None  # None: the server's default search_path
+    redis_url: str | None  # None: start an embedded Valkey in data_dir
+    data_dir: Path
+    rules_path: Path
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            database_schema=env.get("GATEWAY_DB_SCHEMA") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            data_dir=Path(env.get("GATEWAY_DATA_DIR") or ".gateway"),
+            rules_path=Path(env.get("GATEWAY_RULES") or "rules.yaml"),
+            log_level=(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+        )

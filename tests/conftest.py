@@ -1,0 +1,197 @@
+"""Fixtures: real PostgreSQL (DATABASE_URL, or an embedded one when unset), one fresh schema
+per test, a real local upstream, the gateway app, and an injectable clock.
+
+Every test that uses the ledger has its invariants audited afterwards."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import build_app
+from gateway.auth import mint_token
+from gateway.cli import free_port
+from gateway.ledger import Ledger
+from gateway.rules import Rules, parse_rules
+from tests.upstream import Upstream
+
+HERE = Path(__file__).parent
+SECRET = "test-secret-" + "x" * 40
+ENVIRON = {"GATEWAY_JWT_SECRET": SECRET}
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """The PostgreSQL the tests use: $DATABASE_URL, or an embedded server for this run."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must run against a real PostgreSQL: set DATABASE_URL")
+    from gateway.embedded import start_postgres
+
+    data_dir = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
+    os.chmod(data_dir, 0o755)
+    yield start_postgres(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class Clock:
+    """Real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, **kwargs: float) -> None:
+        self.offset += timedelta(**kwargs)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def schema(database_url: str) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+    finally:
+        await conn.close()
+    yield name
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def load_test_rules(
+    upstream_url: str, dead_url: str | None = None, text: str | None = None
+) -> Rules:
+    raw = text if text is not None else (HERE / "rules_test.yaml").read_text()
+    raw = raw.replace("${TEST_UPSTREAM_URL}", upstream_url).replace(
+        "${TEST_DEAD_URL}", dead_url or f"http://127.0.0.1:{free_port()}"
+    )
+    return parse_rules(raw.encode(), "tests/rules_test.yaml")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    backend = Upstream()
+    server = TestServer(backend.app(), host="127.0.0.1")
+    await server.start_server()
+    yield backend, str(server.make_url("")).rstrip("/")
+    backend.sse_gate.set()
+    await server.close()
+
+
+@pytest.fixture
+def rules(upstream: tuple[Upstream, str]) -> Rules:
+    return load_test_rules(upstream[1])
+
+
+@pytest.fixture
+async def ledger(
+    database_url: str, schema: str, clock: Clock, rules: Rules, request: pytest.FixtureRequest
+) -> AsyncIterator[Ledger]:
+    ledger = await Ledger.connect(database_url, schema=schema, clock=clock, max_size=20)
+    await ledger.migrate()
+    await ledger.sync_plans(rules.plan_allowances())
+    yield ledger
+    try:
+        if not request.node.get_closest_marker("corrupts_ledger"):
+            violations = await ledger.audit()
+            assert violations == [], "ledger invariants violated:\n" + "\n".join(
+                map(str, violations)
+            )
+    finally:
+        await ledger.close()
+
+
+def token(org: str = "acme", user: str = "alice", **kwargs: Any) -> str:
+    return mint_token(SECRET, org=org, user=user, **kwargs)
+
+
+def bearer(org: str = "acme", user: str = "alice", **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(org, user, **kwargs)}"}
+
+
+@dataclass
+class Gateway:
+    client: TestClient[web.Request, web.Application]
+    ledger: Ledger
+    upstream: Upstream
+    app: web.Application
+    upstream_url: str
+
+    @property
+    def upstream_host(self) -> str:
+        return self.upstream_url.split("://", 1)[1]
+
+    def url(self, path: str) -> str:
+        return str(self.client.make_url(path))
+
+    async def available(self, org: str, token_type: str) -> int:
+        accounts = {a.token_type: a for a in await self.ledger.balances(org)}
+        return accounts[token_type].available if token_type in accounts else 0
+
+    async def journal_kinds(self, org: str) -> list[str]:
+        return [row["kind"] for row in reversed(await self.ledger.journal(org, limit=1000))]
+
+    async def settled(self) -> None:
+        """Wait until every forwarded request has settled in the ledger."""
+        import asyncio
+
+        from gateway.state import STATE
+
+        inflight = list(self.app[STATE].inflight)
+        if inflight:
+            _, pending = await asyncio.wait(inflight, timeout=10)
+            assert not pending, f"{len(pending)} request(s) never settled"
+
+
+@pytest.fixture
+async def gateway(
+    ledger: Ledger, rules: Rules, upstream: tuple[Upstream, str]
+) -> AsyncIterator[Gateway]:
+    await ledger.create_org("acme", "pro")
+    await ledger.create_org("bigco", "enterprise")
+    await ledger.create_org("freeloader", "starter")
+    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    gw = Gateway(client, ledger, upstream[0], app, upstream[1])
+    yield gw
+    await gw.settled()
+    await client.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client with no connection limit, for real concurrency."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session
+
+
+def random_org() -> str:
+    return "org-" + secrets.token_hex(4)

@@ -1,0 +1,335 @@
+"""The request path end to end: real gateway, real PostgreSQL, real local upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Gateway, bearer, token
+
+PROBLEM = "application/problem+json"
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+async def problem_of(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    assert resp.headers["Content-Type"].startswith(PROBLEM)
+    body: dict[str, Any] = json.loads(await resp.read())
+    assert body["status"] == resp.status
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "token_type", "cost"),
+    [
+        ("/v1/leads/generate", "lead_generation", 5),
+        ("/v1/goals/42/generate", "goal_generation", 3),
+        ("/v1/strategy/analyze", "strategy_analysis", 2),
+        ("/v1/forecasts", "forecast", 4),
+        ("/v1/chat/completions", "general", 1),
+    ],
+)
+async def test_pro_is_charged_the_routes_cost(
+    gateway: Gateway, path: str, token_type: str, cost: int
+) -> None:
+    before = await gateway.available("acme", token_type)
+    resp = await gateway.client.post(path, json={"q": 1}, headers=bearer())
+    assert resp.status == 200
+    assert resp.headers["X-Tokens-Charged"] == str(cost)
+    assert resp.headers["X-Tokens-Remaining"] == str(before - cost)
+    body = await resp.json()
+    assert body["path_qs"] == path
+    assert await gateway.available("acme", token_type) == before - cost
+    kinds = await gateway.journal_kinds("acme")
+    assert kinds[-2:] == ["reserve", "commit"]
+    rid = resp.headers["X-Reservation-Id"]
+    journal = await gateway.ledger.journal("acme")
+    commit = journal[0]
+    assert str(commit["reservation_id"]) == rid
+    assert commit["reserved_delta"] == -cost and commit["route"] is not None
+
+
+async def test_starter_is_refused_with_an_upgrade_hint_and_nothing_forwarded(
+    gateway: Gateway,
+) -> None:
+    resp = await gateway.client.post(
+        "/v1/leads/generate", json={}, headers=bearer("freeloader", "bob")
+    )
+    assert resp.status == 403
+    problem = await problem_of(resp)
+    assert problem["code"] == "plan_forbidden"
+    assert problem["plan"] == "starter" and problem["upgrade_to"] == "pro"
+    assert "upgrade to 'pro'" in problem["detail"]
+    assert gateway.upstream.seen == []
+    assert await gateway.journal_kinds("freeloader") == []
+
+
+async def test_starter_may_spend_tokens_it_bought(gateway: Gateway) -> None:
+    await gateway.ledger.grant("freeloader", "general", 2, reason="pack")
+    resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=bearer("freeloader"))
+    assert resp.status == 200
+    assert resp.headers["X-Tokens-Remaining"] == "1"
+
+
+async def test_route_restricted_to_plans(gateway: Gateway) -> None:
+    resp = await gateway.client.post("/v1/enterprise/x", json={}, headers=bearer("acme"))
+    problem = await problem_of(resp)
+    assert resp.status == 403 and problem["code"] == "plan_forbidden"
+    assert "available on plans enterprise" in problem["detail"]
+    resp = await gateway.client.post("/v1/enterprise/x", json={}, headers=bearer("bigco"))
+    assert resp.status == 200
+    assert len(gateway.upstream.seen) == 1
+
+
+async def test_unknown_organization_is_refused_not_created(gateway: Gateway) -> None:
+    resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=bearer("ghost"))
+    problem = await problem_of(resp)
+    assert resp.status == 403 and problem["code"] == "unknown_organization"
+    assert "'ghost'" in problem["detail"]
+    assert await gateway.ledger.organization("ghost") is None
+    assert gateway.upstream.seen == []
+
+
+async def test_no_route(gateway: Gateway) -> None:
+    resp = await gateway.client.get("/v1/nothing/here", headers=bearer())
+    problem = await problem_of(resp)
+    assert resp.status == 404 and problem["code"] == "no_route"
+    assert "GET /v1/nothing/here" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        ({}, "missing"),
+        ({"Authorization": "Basic dXNlcjpwdw=="}, "Bearer"),
+        ({"Authorization": "Bearer not.a.jwt"}, ""),
+        ({"Authorization": f"Bearer {token(ttl_seconds=-60)}"}, "expired"),
+    ],
+)
+async def test_invalid_tokens_get_401(
+    gateway: Gateway, headers: dict[str, str], detail: str
+) -> None:
+    resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=headers)
+    problem = await problem_of(resp)
+    assert resp.status == 401 and problem["code"] == "invalid_token"
+    assert detail.lower() in problem["detail"].lower()
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert gateway.upstream.seen == []
+
+
+async def test_insufficient_tokens_402_says_balance_cost_and_refresh(gateway: Gateway) -> None:
+    await gateway.ledger.create_org("tiny", "starter")
+    await gateway.ledger.grant("tiny", "lead_generation", 3)
+    resp = await gateway.client.post("/v1/leads/generate", json={}, headers=bearer("tiny"))
+    problem = await problem_of(resp)
+    assert resp.status == 402 and problem["code"] == "insufficient_tokens"
+    assert problem["balance"] == 3 and problem["cost"] == 5
+    assert problem["token_type"] == "lead_generation"
+    assert problem["refresh_at"] is not None
+    assert gateway.upstream.seen == []
+    assert await gateway.available("tiny", "lead_generation") == 3
+
+
+@pytest.mark.parametrize("status", [400, 404, 429, 500, 503])
+async def test_non_2xx_is_passed_through_and_refunded(gateway: Gateway, status: int) -> None:
+    before = await gateway.available("acme", "forecast")
+    resp = await gateway.client.post(f"/v1/forecasts?status={status}", json={}, headers=bearer())
+    assert resp.status == status
+    assert resp.headers["X-Tokens-Charged"] == "0"
+    assert resp.headers["X-Tokens-Remaining"] == str(before)
+    assert (await resp.json())["path_qs"] == f"/v1/forecasts?status={status}"
+    await gateway.settled()
+    assert await gateway.available("acme", "forecast") == before
+    assert (await gateway.journal_kinds("acme"))[-2:] == ["reserve", "refund"]
+
+
+async def test_timeout_is_504_and_refunded(gateway: Gateway) -> None:
+    before = await gateway.available("acme", "forecast")
+    resp = await gateway.client.post("/v1/forecasts?behave=hang", json={}, headers=bearer())
+    problem = await problem_of(resp)
+    assert resp.status == 504 and problem["code"] == "upstream_timeout"
+    assert resp.headers["X-Tokens-Charged"] == "0"
+    assert await gateway.available("acme", "forecast") == before
+    journal = await gateway.ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "refund" and "in time" in journal[0]["reason"]
+
+
+async def test_reset_is_502_and_refunded(gateway: Gateway) -> None:
+    before = await gateway.available("acme", "forecast")
+    resp = await gateway.client.post("/v1/forecasts?behave=reset", json={}, headers=bearer())
+    problem = await problem_of(resp)
+    assert resp.status == 502 and problem["code"] == "upstream_error"
+    assert await gateway.available("acme", "forecast") == before
+    assert (await gateway.journal_kinds("acme"))[-1] == "refund"
+
+
+async def test_connection_refused_is_502_and_refunded(gateway: Gateway) -> None:
+    before = await gateway.available("acme", "general")
+    resp = await gateway.client.post("/v1/dead", json={}, headers=bearer())
+    problem = await problem_of(resp)
+    assert resp.status == 502 and problem["code"] == "upstream_error"
+    assert "cannot connect to upstream 'nowhere'" in problem["detail"]
+    assert await gateway.available("acme", "general") == before
+    assert (await gateway.journal_kinds("acme"))[-2:] == ["reserve", "refund"]
+
+
+async def test_reset_mid_body_is_refunded_and_the_client_sees_a_broken_response(
+    gateway: Gateway,
+) -> None:
+    before = await gateway.available("acme", "general")
+    resp = await gateway.client.post("/v1/chat/stream?behave=sse_reset", json={}, headers=bearer())
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before
+    journal = await gateway.ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "refund" and "mid-body" in journal[0]["reason"]
+
+
+async def test_sse_reaches_the_client_before_the_upstream_finishes(gateway: Gateway) -> None:
+    resp = await gateway.client.post("/v1/chat/stream?behave=sse", json={}, headers=bearer())
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), timeout=5)
+    assert first == b"data: first\n\n"
+    # The upstream is still waiting for the gate: nothing has finished, nothing is charged.
+    assert gateway.upstream.finished == []
+    assert (await gateway.journal_kinds("acme"))[-1] == "reserve"
+    gateway.upstream.sse_gate.set()
+    rest = await resp.read()
+    assert rest.endswith(b"data: [DONE]\n\n") and b"event 2" in rest
+    await gateway.settled()
+    assert (await gateway.journal_kinds("acme"))[-1] == "commit"
+
+
+async def test_client_hanging_up_mid_stream_is_still_charged(gateway: Gateway) -> None:
+    before = await gateway.available("acme", "general")
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gateway.url("/v1/chat/stream?behave=sse"), json={}, headers=bearer()
+        )
+        assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+        resp.close()  # hang up mid-stream
+    await asyncio.sleep(0.1)
+    gateway.upstream.sse_gate.set()
+    for _ in range(100):
+        if gateway.upstream.finished:
+            break
+        await asyncio.sleep(0.05)
+    await gateway.settled()
+    assert gateway.upstream.finished == ["/v1/chat/stream"]
+    assert await gateway.available("acme", "general") == before - 1
+    journal = await gateway.ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "commit"
+    assert "client disconnected" in (journal[0]["reason"] or "") or journal[0]["reason"] is None
+
+
+async def test_client_hanging_up_before_a_failure_is_refunded(gateway: Gateway) -> None:
+    before = await gateway.available("acme", "forecast")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            await session.post(
+                gateway.url("/v1/forecasts?slow=0.3&status=500"),
+                json={},
+                headers=bearer(),
+                timeout=aiohttp.ClientTimeout(total=0.1),
+            )
+    for _ in range(100):
+        if gateway.upstream.finished:
+            break
+        await asyncio.sleep(0.05)
+    await gateway.settled()
+    assert await gateway.available("acme", "forecast") == before
+    assert (await gateway.journal_kinds("acme"))[-1] == "refund"
+
+
+async def test_concurrent_requests_forward_exactly_what_the_balance_covers(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    await gateway.ledger.create_org("race", "pro")  # general allowance: exactly 100
+    headers = bearer("race")
+
+    async def one() -> int:
+        async with http.post(gateway.url("/v1/chat/x"), json=CHAT, headers=headers) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(300)))
+    assert Counter(statuses) == {200: 100, 402: 200}
+    assert len(gateway.upstream.seen) == 100
+    await gateway.settled()
+    assert await gateway.available("race", "general") == 0
+    kinds = await gateway.journal_kinds("race")
+    assert kinds.count("reserve") == 100 and kinds.count("commit") == 100
+
+
+async def test_headers_to_the_upstream(gateway: Gateway) -> None:
+    resp = await gateway.client.post(
+        "/v1/chat/x?a=1&b=two",
+        data=b'{"x": 1}',
+        headers={
+            **bearer(),
+            "Content-Type": "application/json",
+            "X-Request-Id": "req-123",
+            "X-Gateway-Organization": "forged",
+            "X-Forwarded-For": "10.1.1.1",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "drop me",
+            "X-Custom": "kept",
+        },
+    )
+    assert resp.status == 200
+    seen = gateway.upstream.seen[-1]
+    assert seen.path_qs == "/v1/chat/x?a=1&b=two"
+    assert seen.body == b'{"x": 1}'
+    h = seen.headers
+    assert "Authorization" not in h
+    assert h["X-Gateway-Organization"] == "acme" and h["X-Gateway-User"] == "alice"
+    assert h["X-Request-Id"] == "req-123" == resp.headers["X-Request-Id"]
+    assert h["X-Forwarded-For"] == "10.1.1.1, 127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http"
+    assert h["X-Forwarded-Host"] == gateway.client.make_url("").authority
+    assert h["Host"] == gateway.upstream_host
+    assert "X-Secret-Hop" not in h
+    assert h["X-Custom"] == "kept" and h["Content-Type"] == "application/json"
+    # The upstream cannot forge what the gateway reports to the client.
+    assert resp.headers["X-Tokens-Charged"] == "1"
+    assert resp.headers["X-Upstream"] == "test"
+
+
+async def test_authorization_is_forwarded_only_when_the_route_says_so(gateway: Gateway) -> None:
+    headers = bearer()
+    resp = await gateway.client.post("/v1/chat/auth-echo", json={}, headers=headers)
+    assert resp.status == 200
+    assert gateway.upstream.seen[-1].headers["Authorization"] == headers["Authorization"]
+
+
+async def test_large_body_streams_through_intact(gateway: Gateway) -> None:
+    body = bytes(range(256)) * 16384  # 4 MiB
+
+    async def chunks() -> Any:
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    resp = await gateway.client.post("/v1/chat/upload", data=chunks(), headers=bearer())
+    assert resp.status == 200
+    assert (await resp.json())["body_length"] == len(body)
+    assert gateway.upstream.seen[-1].body == body
+
+
+async def test_query_string_is_ignored_for_matching(gateway: Gateway) -> None:
+    resp = await gateway.client.post("/v1/leads/generate?x=/v1/chat", json={}, headers=bearer())
+    assert resp.headers["X-Tokens-Charged"] == "5"
+
+
+async def test_generated_request_id_when_none_or_unsafe(gateway: Gateway) -> None:
+    resp = await gateway.client.post(
+        "/v1/chat/x", json=CHAT, headers={**bearer(), "X-Request-Id": "bad id\twith space"}
+    )
+    rid = resp.headers["X-Request-Id"]
+    assert len(rid) == 32 and rid == gateway.upstream.seen[-1].headers["X-Request-Id"]
