@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.conftest import Gateway, bearer, token
+from gateway.app import build_app
+from gateway.ledger import Ledger
+from gateway.rules import Rules
+from gateway.state import STATE
+from tests.conftest import ENVIRON, Clock, Gateway, bearer, token
+from tests.relay import Relay
+from tests.upstream import Upstream
 
 PROBLEM = "application/problem+json"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -332,3 +340,75 @@ async def test_generated_request_id_when_none_or_unsafe(gateway: Gateway) -> Non
     )
     rid = resp.headers["X-Request-Id"]
     assert len(rid) == 32 and rid == gateway.upstream.seen[-1].headers["X-Request-Id"]
+
+
+async def test_ledger_unreachable_is_503_and_nothing_is_forwarded(
+    database_url: str, schema: str, rules: Rules, upstream: tuple[Upstream, str]
+) -> None:
+    relay = Relay(database_url)
+    await relay.start()
+    ledger = await Ledger.connect(relay.dsn, schema=schema, timeout=2)
+    await ledger.migrate()
+    await ledger.sync_plans(rules.plan_allowances())
+    await ledger.create_org("acme", "pro")
+    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    backend = upstream[0]
+    try:
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        assert resp.status == 200
+
+        await relay.cut()
+        for _ in range(3):
+            resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+            problem = await problem_of(resp)
+            assert resp.status == 503 and problem["code"] == "ledger_unavailable"
+            assert "nothing was forwarded" in problem["detail"]
+        assert len(backend.seen) == 1
+
+        await relay.start()  # the ledger comes back: no restart needed
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        assert resp.status == 200 and resp.headers["X-Tokens-Remaining"] == "98"
+        assert len(backend.seen) == 2
+        assert await ledger.audit() == []
+    finally:
+        await client.close()
+        await ledger.close()
+        await relay.cut()
+
+
+async def test_ledger_lost_after_forwarding_leaves_a_reservation_the_sweeper_refunds(
+    database_url: str, schema: str, rules: Rules, upstream: tuple[Upstream, str], clock: Clock
+) -> None:
+    relay = Relay(database_url)
+    await relay.start()
+    ledger = await Ledger.connect(relay.dsn, schema=schema, timeout=1, clock=clock)
+    await ledger.migrate()
+    await ledger.sync_plans(rules.plan_allowances())
+    await ledger.create_org("acme", "pro")
+    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        pending = asyncio.create_task(
+            client.post("/v1/chat/x?slow=0.5", json=CHAT, headers=bearer())
+        )
+        await asyncio.wait_for(upstream[0].arrived.wait(), timeout=5)
+        await relay.cut()  # the ledger goes away while the upstream works
+        resp = await pending
+        assert resp.status == 200  # the upstream's answer still reaches the client
+        assert (await resp.json())["path_qs"] == "/v1/chat/x?slow=0.5"
+        assert not app[STATE].inflight  # the exchange has given up settling
+        await relay.start()
+        held = await ledger.reservation(uuid.UUID(resp.headers["X-Reservation-Id"]))
+        assert held is not None and held.state == "held"
+        clock.advance(seconds=rules.routes[0].upstream.timeout_seconds + 31)
+        assert await ledger.expire_overdue() == 1
+        expired = await ledger.reservation(held.id)
+        assert expired is not None and expired.state == "expired"
+        assert await ledger.audit() == []
+    finally:
+        await client.close()
+        await ledger.close()
+        await relay.cut()

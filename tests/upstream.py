@@ -28,6 +28,7 @@ class Seen:
 class Upstream:
     seen: list[Seen] = field(default_factory=list)
     sse_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by every request
     finished: list[str] = field(default_factory=list)  # paths whose answer was fully written
     in_flight: int = 0
     max_in_flight: int = 0
@@ -40,6 +41,7 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(Seen(request.method, request.path_qs, request.headers, body))
+        self.arrived.set()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

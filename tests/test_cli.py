@@ -1,0 +1,225 @@
+"""The ``gateway`` command, run as a real process against the tests' PostgreSQL schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from gateway.auth import Authenticator
+from gateway.cli import free_port
+from gateway.ledger import Ledger
+from gateway.rules import Rules
+from tests.conftest import SECRET, Clock, bearer
+from tests.upstream import Upstream
+
+REPO = Path(__file__).parent.parent
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli_env(
+    database_url: str, schema: str, upstream: tuple[Upstream, str], tmp_path: Path
+) -> dict[str, str]:
+    rules_file = tmp_path / "rules.yaml"
+    text = (REPO / "tests" / "rules_test.yaml").read_text()
+    rules_file.write_text(
+        text.replace("${TEST_UPSTREAM_URL}", upstream[1]).replace(
+            "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        DATABASE_URL=database_url,
+        GATEWAY_DB_SCHEMA=schema,
+        GATEWAY_RULES=str(rules_file),
+        GATEWAY_JWT_SECRET=SECRET,
+        GATEWAY_DATA_DIR=str(tmp_path / "data"),
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    return env
+
+
+async def gateway(env: dict[str, str], *args: str) -> Result:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        *args,
+        env=env,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def test_rules_check(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    ok = await gateway(cli_env, "rules", "check", str(REPO / "rules.yaml"))
+    assert ok.code == 0, ok.err
+    assert "ok" in ok.out and "5 route(s)" in ok.out and "5 token type(s)" in ok.out
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        (REPO / "rules.yaml")
+        .read_text()
+        .replace("cost: 5", "cost: -5")
+        .replace(
+            "upstream: ai_backend\n    token_type: forecast",
+            "upstream: ai\n    token_type: forecast",
+        )
+    )
+    bad = await gateway(cli_env, "rules", "check", str(broken))
+    assert bad.code == 1
+    assert f"{broken}: routes[0].cost: must be a positive integer" in bad.err
+    assert f"{broken}: routes[3].upstream: unknown upstream 'ai'" in bad.err
+    assert "2 error(s)" in bad.err
+
+
+async def test_org_grant_balance_and_token(cli_env: dict[str, str], rules: Rules) -> None:
+    created = await gateway(cli_env, "org", "create", "acme", "--plan", "pro")
+    assert created.code == 0, created.err
+    again = await gateway(cli_env, "org", "create", "acme", "--plan", "pro")
+    assert again.code == 1 and "organization 'acme' already exists" in again.err
+    unknown = await gateway(cli_env, "org", "create", "x", "--plan", "platinum")
+    assert unknown.code == 1 and "plan 'platinum' is not in rules.yaml" in unknown.err
+
+    granted = await gateway(cli_env, "grant", "acme", "general", "5", "--reason", "gift")
+    assert granted.code == 0 and "available now 105" in granted.out
+    nobody = await gateway(cli_env, "grant", "ghost", "general", "5")
+    assert nobody.code == 1 and "organization 'ghost' does not exist" in nobody.err
+    zero = await gateway(cli_env, "grant", "acme", "general", "0")
+    assert zero.code == 2 and "must be positive" in zero.err
+
+    moved = await gateway(cli_env, "org", "set-plan", "acme", "enterprise")
+    assert moved.code == 0 and "moved to plan 'enterprise'" in moved.out
+    balance = await gateway(cli_env, "balance", "acme", "--json")
+    assert balance.code == 0, balance.err
+    data = json.loads(balance.out)
+    assert data["plan"] == "enterprise"
+    assert data["accounts"]["general"]["available"] == 1005
+    assert data["accounts"]["general"]["purchased"] == 5
+    table = await gateway(cli_env, "balance", "acme")
+    assert "lead_generation" in table.out and "500" in table.out
+
+    minted = await gateway(cli_env, "token", "--org", "acme", "--user", "ops", "--ttl", "15m")
+    assert minted.code == 0
+    auth = Authenticator(rules.document.auth, environ={"GATEWAY_JWT_SECRET": SECRET})
+    principal = await auth.authenticate(f"Bearer {minted.out.strip()}")
+    await auth.close()
+    assert (principal.org, principal.user) == ("acme", "ops")
+    assert int(principal.claims["exp"]) - int(principal.claims["iat"]) == 900
+
+
+async def test_audit_passes_then_names_a_corruption(
+    cli_env: dict[str, str], database_url: str, schema: str
+) -> None:
+    await gateway(cli_env, "org", "create", "acme", "--plan", "pro")
+    clean = await gateway(cli_env, "audit")
+    assert clean.code == 0 and "every invariant holds" in clean.out
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        await conn.execute(
+            "INSERT INTO journal (at, org_id, token_type, kind, purchased_delta)"
+            " VALUES (now(), 'acme', 'general', 'commit', 40)"
+        )
+    finally:
+        await conn.close()
+    corrupt = await gateway(cli_env, "audit")
+    assert corrupt.code == 1
+    assert "violation: journal_balance_mismatch: account acme/general" in corrupt.err
+    assert "violation: tokens_moved_by_commit" in corrupt.err
+
+
+async def test_a_killed_gateways_reservation_expires_and_is_refunded(
+    cli_env: dict[str, str], ledger: Ledger, clock: Clock, upstream: tuple[Upstream, str]
+) -> None:
+    await ledger.create_org("acme", "pro")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env=cli_env,
+        cwd=REPO,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    headers = bearer()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{base}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            request = asyncio.create_task(
+                http.post(f"{base}/v1/chat/stream?behave=hang", json={}, headers=headers)
+            )
+            await asyncio.wait_for(upstream[0].arrived.wait(), timeout=10)
+            proc.send_signal(signal.SIGKILL)  # the gateway dies mid-request
+            await proc.wait()
+            with pytest.raises(aiohttp.ClientError):
+                await request
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+    assert (general.allowance, general.reserved) == (99, 1)
+    assert await ledger.expire_overdue() == 0  # not before its expiry
+    clock.advance(seconds=20 + 30 + 1)  # the patient upstream's timeout plus the grace
+    assert await ledger.expire_overdue() == 1
+    general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+    assert (general.allowance, general.reserved) == (100, 0)
+    journal = await ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "expire" and journal[0]["actor"] == "sweeper"
+
+
+async def test_serve_refuses_to_start_without_its_secret_or_database(
+    cli_env: dict[str, str],
+) -> None:
+    no_secret = {k: v for k, v in cli_env.items() if k != "GATEWAY_JWT_SECRET"}
+    result = await gateway(no_secret, "serve", "--port", str(free_port()))
+    assert result.code == 1
+    assert "auth.secret_env: environment variable GATEWAY_JWT_SECRET is not set" in result.err
+    no_db = {**cli_env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/x"}
+    result = await gateway(no_db, "serve", "--port", str(free_port()))
+    assert result.code == 1 and "cannot connect to PostgreSQL" in result.err
+    missing = await gateway(cli_env, "--rules", "/nonexistent.yaml", "serve")
+    assert missing.code == 1 and "/nonexistent.yaml: cannot read" in missing.err
+
+
+async def test_demo_shows_metering_and_a_refusal(cli_env: dict[str, str]) -> None:
+    env = {k: v for k, v in cli_env.items() if k not in ("GATEWAY_RULES", "GATEWAY_JWT_SECRET")}
+    result = await gateway(env, "demo", "--once", "--port", str(free_port()))
+    assert result.code == 0, result.out + result.err
+    assert "X-Tokens-Charged: 1" in result.out
+    assert "balance now 99 (fell by 1, the route's cost)" in result.out
+    assert "forecast balance still 30" in result.out
+    assert "403 plan_forbidden" in result.out
+    assert "every invariant holds" in result.out
+    assert "curl -i http://127.0.0.1:" in result.out and "export TOKEN=ey" in result.out
