@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
@@ -12,6 +13,8 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.limits.alerts import Alerter
+from gateway.limits.limiter import Limiter
 from gateway.pipeline import handle
 from gateway.proxy import new_session
 from gateway.rules import Rules
@@ -23,19 +26,24 @@ log = logging.getLogger("gateway.app")
 def build_app(
     rules: Rules,
     ledger: Ledger,
+    limiter: Limiter,
     *,
     environ: Mapping[str, str] | None = None,
     sweeper: bool = True,
 ) -> web.Application:
     """The gateway as an aiohttp application. Call with a running event loop. Raises
-    ``ConfigError`` when the rules' keys cannot be loaded. The ledger stays the caller's
-    to close."""
+    ``ConfigError`` when the rules' keys cannot be loaded. The ledger and the limiter stay
+    the caller's to close."""
+    env = os.environ if environ is None else environ
     app = web.Application()
+    session = new_session()
     app[STATE] = GatewayState(
         rules=rules,
         ledger=ledger,
-        auth=Authenticator(rules.document.auth, environ=environ),
-        session=new_session(),
+        auth=Authenticator(rules.document.auth, environ=env),
+        session=session,
+        limiter=limiter,
+        alerter=Alerter(rules.document.limits.spike, session, env),
     )
     app.cleanup_ctx.append(_clients)
     if sweeper:
@@ -57,6 +65,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         deadline = max((r.upstream.timeout_seconds for r in state.rules.routes), default=30)
         log.info("waiting for %d in-flight request(s) to settle", len(state.inflight))
         await asyncio.wait(list(state.inflight), timeout=deadline + 5)
+    await state.alerter.close()
     await state.session.close()
     await state.auth.close()
 

@@ -20,9 +20,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway import __version__
-from gateway.embedded import EmbeddedUnavailable, start_postgres
+from gateway.embedded import EmbeddedUnavailable, start_postgres, start_valkey
 from gateway.errors import ConfigError, LedgerError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.limits.limiter import Limiter
 from gateway.rules import Rules, load_rules
 from gateway.settings import Settings
 
@@ -31,7 +32,9 @@ log = logging.getLogger("gateway.cli")
 EPILOG = """\
 environment:
   DATABASE_URL        PostgreSQL for the ledger; unset: an embedded PostgreSQL in the data dir
+  REDIS_URL           Redis (or Valkey) for the limits; unset: an embedded Valkey in the data dir
   GATEWAY_DB_SCHEMA   schema to use in that database (default: the server's search_path)
+  GATEWAY_REDIS_PREFIX  prefix of every Redis key the gateway writes (default gw:)
   GATEWAY_DATA_DIR    data directory for the embedded servers (default ./.gateway)
   GATEWAY_RULES       rules file (default ./rules.yaml; --rules overrides)
   GATEWAY_JWT_SECRET  shared secret for HS256/384/512 tokens (name set by auth.secret_env)
@@ -126,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = rules.add_parser("check", help="validate a rules file; exit 1 listing every error")
     p.add_argument("file", nargs="?", type=Path)
 
+    p = sub.add_parser("unblock", help="lift a block set by the abuse limits")
+    p.add_argument("--org", help="the organization (with --user: one of its users)")
+    p.add_argument("--user", help="a user of --org")
+    p.add_argument("--ip", help="a client address blocked for repeated invalid tokens")
+
     sub.add_parser("audit", help="check the ledger's invariants; exit 1 naming each violation")
     sub.add_parser("sweep", help="expire overdue reservations and refresh ended periods once")
     return parser
@@ -164,6 +172,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
     rules = load_rules(rules_path)
     if command == "token":
         return _token(args, rules)
+    if command == "unblock":
+        return asyncio.run(_unblock(settings, rules, args))
     if command == "serve":
         return asyncio.run(_serve(settings, rules, args.host, args.port))
     if command == "demo":
@@ -206,6 +216,36 @@ async def open_ledger(settings: Settings, rules: Rules) -> AsyncIterator[Ledger]
         yield ledger
     finally:
         await ledger.close()
+
+
+@contextlib.asynccontextmanager
+async def open_limiter(settings: Settings, rules: Rules) -> AsyncIterator[Limiter]:
+    """Connect to the configured (or embedded) Redis."""
+    url, stop = settings.redis_url, None
+    if url is None:
+        url, stop = await asyncio.to_thread(start_valkey, settings.data_dir)
+    assert url is not None
+    limiter = Limiter.from_url(url, rules.document.limits, prefix=settings.redis_prefix)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+        if stop is not None:
+            await asyncio.to_thread(stop)
+
+
+async def _unblock(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
+    if args.user and not args.org:
+        raise CommandError("--user needs --org")
+    if not (args.org or args.ip):
+        raise CommandError("say what to unblock: --org ORG [--user USER] or --ip ADDRESS")
+    async with open_limiter(settings, rules) as limiter:
+        lifted = await limiter.unblock(args.org, args.user, args.ip)
+    who = " ".join(
+        f"{k} {v}" for k, v in (("org", args.org), ("user", args.user), ("ip", args.ip)) if v
+    )
+    print(f"lifted {lifted} block(s) for {who}" if lifted else f"no block was in force for {who}")
+    return 0
 
 
 def _rules_check(path: Path) -> int:
@@ -346,8 +386,8 @@ async def _sweep(ledger: Ledger) -> int:
 async def _serve(settings: Settings, rules: Rules, host: str, port: int) -> int:
     from gateway.app import build_app
 
-    async with open_ledger(settings, rules) as ledger:
-        app = build_app(rules, ledger)
+    async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
+        app = build_app(rules, ledger, limiter)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
         await runner.setup()
         try:

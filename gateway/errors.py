@@ -9,9 +9,14 @@ and an HTTP status (RFC 9457 problem details)::
     ├── PlanForbidden           403 plan_forbidden
     ├── UnknownOrganization     403 unknown_organization
     ├── NoRoute                 404 no_route
+    ├── RateLimited             429 rate_limited
+    ├── TooFrequent             429 too_frequent
+    ├── TooManyInFlight         429 too_many_in_flight
+    ├── Blocked                 429 blocked
     ├── UpstreamError           502 upstream_error
     ├── UpstreamTimeout         504 upstream_timeout
-    └── LedgerUnavailable       503 ledger_unavailable
+    ├── LedgerUnavailable       503 ledger_unavailable
+    └── LimiterUnavailable      503 limits_unavailable (only with on_store_error: closed)
 
 Operator-facing failures that never reach a client as such:
 
@@ -109,6 +114,30 @@ class NoRoute(GatewayError):
     title = "No route"
 
 
+class RateLimited(GatewayError):
+    status = 429
+    code = "rate_limited"
+    title = "Rate limited"
+
+
+class TooFrequent(GatewayError):
+    status = 429
+    code = "too_frequent"
+    title = "Too frequent"
+
+
+class TooManyInFlight(GatewayError):
+    status = 429
+    code = "too_many_in_flight"
+    title = "Too many requests in flight"
+
+
+class Blocked(GatewayError):
+    status = 429
+    code = "blocked"
+    title = "Blocked"
+
+
 class UpstreamError(GatewayError):
     status = 502
     code = "upstream_error"
@@ -125,6 +154,12 @@ class LedgerUnavailable(GatewayError):
     status = 503
     code = "ledger_unavailable"
     title = "Ledger unavailable"
+
+
+class LimiterUnavailable(GatewayError):
+    status = 503
+    code = "limits_unavailable"
+    title = "Limits unavailable"
 
 
 class ConfigError(Exception):

@@ -33,9 +33,10 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.ledger import Ledger, ReserveOutcome
+from gateway.limits.limiter import Admission
 from gateway.proxy import Caller, client_response_headers, map_client_error, open_upstream
 from gateway.rules import Route, Rules
-from gateway.state import STATE
+from gateway.state import STATE, GatewayState
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -43,6 +44,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Retries for a settlement that fails because the ledger is briefly unreachable; after
 # them the reservation stays held and the sweeper refunds it at its expiry.
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0, 2.0)
+# Refusals that count toward blocking a principal (or an address, for 401s).
+_COUNTED_REFUSALS = frozenset({401, 402, 403, 429})
 _CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError)
 
 
@@ -57,14 +60,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
     rules = state.rules  # one snapshot for the whole request, whatever reloads meanwhile
     request_id = request_id_of(request)
     started = time.monotonic()
+    limiter = state.limiter
+    address = request.remote or ""
+    caller: Caller | None = None
+    admission = Admission()
     try:
+        await limiter.check_address(address)
         principal = await state.auth.authenticate(request.headers.get("Authorization"))
+        caller = Caller(principal.org, principal.user, principal.roles, request_id)
         route = rules.match(request.method, request.path)
         if route is None:
             raise NoRoute(f"no route in rules.yaml matches {request.method} {request.path}")
-        caller = Caller(principal.org, principal.user, principal.roles, request_id)
+        limits = await state.limits_for(caller.org, route)
+        # Limits before the ledger: a request refused by a limit is never charged.
+        admission = await limiter.admit(
+            caller.org, caller.user, route.token_type, limits, route.upstream.timeout_seconds
+        )
         outcome = await _reserve(state.ledger, rules, route, caller)
     except GatewayError as exc:
+        await limiter.release(admission)
         log.info(
             "refused %s %s status=%d code=%s request_id=%s: %s",
             request.method,
@@ -74,10 +88,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
             request_id,
             exc.detail,
         )
-        return exc.response(instance=request.path, headers={"X-Request-Id": request_id})
+        if exc.status in _COUNTED_REFUSALS and exc.code != "blocked":
+            await limiter.record_refusal(
+                caller.org if caller else None, caller.user if caller else None, address
+            )
+        return exc.response(
+            instance=request.path, headers={"X-Request-Id": request_id, **admission.headers}
+        )
 
-    exchange = Exchange(request, route, caller, outcome, state.ledger, started)
-    task = asyncio.create_task(exchange.run(state.session), name=f"exchange-{request_id}")
+    exchange = Exchange(request, route, caller, outcome, state.ledger, started, admission)
+    task = asyncio.create_task(exchange.run(state), name=f"exchange-{request_id}")
     state.inflight.add(task)
     task.add_done_callback(state.inflight.discard)
     # If the client hangs up and this handler is cancelled, the exchange goes on.
@@ -142,7 +162,9 @@ class Exchange:
     outcome: ReserveOutcome
     ledger: Ledger
     started: float
+    admission: Admission
     client_gone: bool = False
+    charged: int = 0
 
     @property
     def reservation_id(self) -> uuid.UUID:
@@ -156,9 +178,20 @@ class Exchange:
             "X-Tokens-Remaining": str(self.outcome.remaining + (0 if charged else cost)),
             "X-Reservation-Id": str(self.reservation_id),
             "X-Request-Id": self.caller.request_id,
+            **self.admission.headers,
         }
 
-    async def run(self, session: aiohttp.ClientSession) -> web.StreamResponse:
+    async def run(self, state: GatewayState) -> web.StreamResponse:
+        try:
+            return await self._run(state.session)
+        finally:
+            await state.limiter.release(self.admission)
+            if self.charged:
+                alert = await state.limiter.record_spend(self.caller.org, self.charged)
+                if alert is not None:
+                    state.alert(alert)
+
+    async def _run(self, session: aiohttp.ClientSession) -> web.StreamResponse:
         try:
             upstream = await open_upstream(session, self.request, self.route, self.caller)
         except (UpstreamError, UpstreamTimeout) as exc:
@@ -237,7 +270,8 @@ class Exchange:
         for delay in (*_SETTLE_RETRY_DELAYS, None):
             try:
                 if ok:
-                    await self.ledger.commit(self.reservation_id, actor=self.caller.user)
+                    settled = await self.ledger.commit(self.reservation_id, actor=self.caller.user)
+                    self.charged = settled.charged
                 else:
                     await self.ledger.refund(self.reservation_id, reason=reason, actor="gateway")
                 return

@@ -13,6 +13,7 @@ class Settings:
     database_url: str | None  # None: start an embedded PostgreSQL in data_dir
     database_schema: str | None  # None: the server's default search_path
     redis_url: str | None  # None: start an embedded Valkey in data_dir
+    redis_prefix: str  # every key the gateway writes to Redis starts with it
     data_dir: Path
     rules_path: Path
     log_level: str
@@ -24,6 +25,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or None,
             database_schema=env.get("GATEWAY_DB_SCHEMA") or None,
             redis_url=env.get("REDIS_URL") or None,
+            redis_prefix=env.get("GATEWAY_REDIS_PREFIX") or "gw:",
             data_dir=Path(env.get("GATEWAY_DATA_DIR") or ".gateway"),
             rules_path=Path(env.get("GATEWAY_RULES") or "rules.yaml"),
             log_level=(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),

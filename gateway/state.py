@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
+from gateway.limits.config import Effective, effective
+
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
     from gateway.ledger import Ledger
-    from gateway.rules import Rules
+    from gateway.limits.alerts import Alerter
+    from gateway.limits.limiter import Limiter, SpikeAlert
+    from gateway.rules import Route, Rules
+
+# How long a gateway trusts its copy of an organization's plan when choosing per-plan
+# limits (the ledger itself always uses the plan in force).
+PLAN_CACHE_SECONDS = 10.0
 
 
 @dataclass
@@ -21,7 +30,38 @@ class GatewayState:
     ledger: Ledger
     auth: Authenticator
     session: aiohttp.ClientSession
+    limiter: Limiter
+    alerter: Alerter
     inflight: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
+    _plans: dict[str, tuple[float, str | None]] = field(default_factory=dict)
+    _limits: dict[tuple[str | None, int], Effective] = field(default_factory=dict)
+    _limits_rules: Rules | None = None
+
+    async def plan_of(self, org: str) -> str | None:
+        now = time.monotonic()
+        cached = self._plans.get(org)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await self.ledger.organization(org)
+        plan = str(found["plan"]) if found else None
+        if len(self._plans) > 100_000:
+            self._plans.clear()
+        self._plans[org] = (now + PLAN_CACHE_SECONDS, plan)
+        return plan
+
+    async def limits_for(self, org: str, route: Route) -> Effective:
+        rules = self.rules
+        config = rules.document.limits
+        plan = await self.plan_of(org) if config.plans else None
+        if self._limits_rules is not rules:
+            self._limits, self._limits_rules = {}, rules
+        key = (plan, route.index)
+        if key not in self._limits:
+            self._limits[key] = effective(config, plan, route.config.limits)
+        return self._limits[key]
+
+    def alert(self, alert: SpikeAlert) -> None:
+        self.alerter.spike(alert)
 
 
 STATE = web.AppKey("gateway", GatewayState)

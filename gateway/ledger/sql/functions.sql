@@ -145,12 +145,16 @@ BEGIN
         v_entitled := false;
     END IF;
     IF NOT v_entitled THEN
-        -- Not in the plan: only tokens bought or granted outright may be spent. Checked
-        -- without writing anything, so refused requests cost the ledger no row.
+        -- Not in the plan: only tokens bought or granted outright may be spent. An
+        -- organization that never had any is refused access (403); one that spent them
+        -- all is short of tokens (402). Checked without writing anything.
         SELECT * INTO v_acct FROM accounts a
             WHERE a.org_id = p_org AND a.token_type = p_token_type;
         IF (p_plans IS NOT NULL AND NOT (v_plan = ANY (p_plans)))
-                OR NOT FOUND OR v_acct.purchased + v_acct.reserved = 0 THEN
+                OR NOT FOUND
+                OR NOT EXISTS (SELECT 1 FROM journal j
+                               WHERE j.org_id = p_org AND j.token_type = p_token_type
+                                 AND j.purchased_delta > 0) THEN
             RETURN QUERY SELECT 'plan_forbidden', NULL::uuid, 0::bigint, 0::bigint,
                 coalesce(v_acct.allowance, 0), coalesce(v_acct.purchased, 0), v_plan,
                 v_acct.period_end;

@@ -1,0 +1,464 @@
+"""Abuse limits against a real Redis: exact boundaries with an injected clock, concurrency
+with real simultaneous requests, blocks, spike alerts, Redis outages, and three gateway
+processes sharing one Redis and one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import build_app
+from gateway.cli import free_port
+from gateway.errors import Blocked, LimiterUnavailable, RateLimited, TooFrequent
+from gateway.ledger import Ledger
+from gateway.limits.alerts import Alerter, verify
+from gateway.limits.config import (
+    Concurrency,
+    Effective,
+    LimitsConfig,
+    MinInterval,
+    RateLimit,
+    Spike,
+    effective,
+    parse_rate,
+)
+from gateway.limits.limiter import Limiter
+from gateway.rules import Rules
+from tests.conftest import ENVIRON, SECRET, Clock, bearer, load_test_rules
+from tests.relay import Relay
+from tests.upstream import Upstream
+
+REPO = Path(__file__).parent.parent
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def only(**kinds: object) -> Effective:
+    rate = kinds.get("rate")
+    return Effective(
+        rate=tuple(rate) if isinstance(rate, list) else (),
+        min_interval=kinds.get("min_interval"),  # type: ignore[arg-type]
+        concurrency=kinds.get("concurrency"),  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30/minute", (30, 60)),
+        ("30/min", (30, 60)),
+        ("1000/day", (1000, 86400)),
+        ("5/second", (5, 1)),
+        ("100/hours", (100, 3600)),
+        ("10/5m", (10, 300)),
+    ],
+)
+def test_rate_syntax(text: str, expected: tuple[int, int]) -> None:
+    assert parse_rate(text) == expected
+
+
+@pytest.mark.parametrize("text", ["30", "30/fortnight", "0/minute", "-1/minute", "x/minute"])
+def test_bad_rates_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is not a rate|must be positive"):
+        parse_rate(text)
+
+
+def test_most_specific_level_wins_kind_by_kind() -> None:
+    config = LimitsConfig.model_validate(
+        {
+            "default": {"rate": "30/minute", "min_interval": {"seconds": 3}},
+            "plans": {"enterprise": {"rate": "300/minute"}},
+        }
+    )
+    route = LimitsConfig.model_validate({"default": {"min_interval": None}}).default
+    pro = effective(config, "pro", None)
+    assert [r.limit for r in pro.rate] == ["30/minute"] and pro.min_interval is not None
+    ent = effective(config, "enterprise", None)
+    assert [r.limit for r in ent.rate] == ["300/minute"] and ent.min_interval is not None
+    ent_route = effective(config, "enterprise", route)
+    assert [r.limit for r in ent_route.rate] == ["300/minute"] and ent_route.min_interval is None
+    builtin = effective(LimitsConfig(), None, None)
+    assert [r.limit for r in builtin.rate] == ["30/minute"]
+    assert builtin.min_interval == MinInterval(seconds=3)
+
+
+async def test_rate_boundary_and_sliding_window(limiter: Limiter, clock: Clock) -> None:
+    limits = only(rate=[RateLimit(limit="30/minute")])
+    for _ in range(10):
+        await limiter.admit("acme", "alice", "general", limits, 10)
+    clock.advance(seconds=40)
+    for _ in range(20):  # the 30th within the minute is admitted
+        admission = await limiter.admit("acme", "alice", "general", limits, 10)
+    assert admission.headers["RateLimit-Policy"] == '"user-30-per-60s";q=30;w=60'
+    assert admission.headers["RateLimit"] == '"user-30-per-60s";r=0;t=20'
+    with pytest.raises(RateLimited) as refused:  # the 31st is not
+        await limiter.admit("acme", "alice", "general", limits, 10)
+    assert refused.value.headers["Retry-After"] == "20"
+    # Another user of the same organization has a quota of their own.
+    await limiter.admit("acme", "bob", "general", limits, 10)
+    clock.advance(seconds=20, milliseconds=1)  # the first 10 leave the window
+    for _ in range(10):
+        await limiter.admit("acme", "alice", "general", limits, 10)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit("acme", "alice", "general", limits, 10)
+    # The next hit to leave the window is one of the 20 taken at t=40s: 40 s from now.
+    assert refused.value.headers["Retry-After"] == "40"
+
+
+async def test_organization_rate_is_shared_by_its_users(limiter: Limiter) -> None:
+    limits = only(rate=[RateLimit(limit="3/hour", per="organization")])
+    for user in ("a", "b", "c"):
+        await limiter.admit("acme", user, "general", limits, 10)
+    with pytest.raises(RateLimited):
+        await limiter.admit("acme", "d", "general", limits, 10)
+    await limiter.admit("other", "a", "general", limits, 10)
+
+
+async def test_min_interval(limiter: Limiter, clock: Clock) -> None:
+    limits = only(min_interval=MinInterval(seconds=3))
+    await limiter.admit("acme", "alice", "forecast", limits, 10)
+    clock.advance(seconds=1)
+    with pytest.raises(TooFrequent) as refused:
+        await limiter.admit("acme", "alice", "forecast", limits, 10)
+    assert refused.value.headers["Retry-After"] == "2"
+    await limiter.admit("acme", "alice", "general", limits, 10)  # another feature
+    await limiter.admit("acme", "bob", "forecast", limits, 10)  # another user
+    clock.advance(seconds=2)
+    await limiter.admit("acme", "alice", "forecast", limits, 10)
+
+
+async def test_a_dead_holders_slot_frees_after_its_lease(limiter: Limiter, clock: Clock) -> None:
+    limits = only(concurrency=Concurrency(max=1))
+    held = await limiter.admit("acme", "alice", "general", limits, lease_seconds=5)
+    assert len(held.leases) == 1
+    with pytest.raises(Exception, match="at most 1 requests in flight"):
+        await limiter.admit("acme", "alice", "general", limits, lease_seconds=5)
+    # Its gateway died: nobody releases. The lease (5 s + 30 s grace) runs out.
+    clock.advance(seconds=35, milliseconds=1)
+    again = await limiter.admit("acme", "alice", "general", limits, lease_seconds=5)
+    await limiter.release(again)
+    await limiter.admit("acme", "alice", "general", limits, lease_seconds=5)
+
+
+def limits_rules(upstream: tuple[Upstream, str], limits_yaml: str) -> Rules:
+    return load_test_rules(upstream[1], limits=limits_yaml)
+
+
+@pytest.fixture
+async def make_gateway(
+    ledger: Ledger, redis_url: str, clock: Clock, upstream: tuple[Upstream, str]
+) -> AsyncIterator[object]:
+    made: list[tuple[TestClient[web.Request, web.Application], Limiter]] = []
+    await ledger.create_org("acme", "pro")
+    await ledger.create_org("freeloader", "starter")
+
+    async def make(
+        limits_yaml: str, url: str | None = None
+    ) -> tuple[TestClient[web.Request, web.Application], Limiter]:
+        rules = limits_rules(upstream, limits_yaml)
+        limiter = Limiter.from_url(
+            url or redis_url,
+            rules.document.limits,
+            prefix=f"t{os.urandom(6).hex()}:",
+            clock_ms=clock.ms,
+        )
+        app = build_app(rules, ledger, limiter, environ=ENVIRON, sweeper=False)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        made.append((client, limiter))
+        return client, limiter
+
+    yield make
+    for client, limiter in made:
+        await client.close()
+        await limiter.close()
+
+
+async def test_gateway_refuses_the_31st_request_uncharged(
+    make_gateway: object, ledger: Ledger, upstream: tuple[Upstream, str]
+) -> None:
+    client, _ = await make_gateway(
+        "limits:\n  default: {rate: 30/minute, min_interval: null}\n  blocks: null\n"
+    )  # type: ignore[operator]
+    statuses = []
+    for _ in range(31):
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        statuses.append(resp.status)
+        assert resp.headers["RateLimit-Policy"] == '"user-30-per-60s";q=30;w=60'
+    assert statuses == [200] * 30 + [429]
+    problem = await resp.json()
+    assert problem["code"] == "rate_limited"
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert resp.headers["RateLimit"].startswith('"user-30-per-60s";r=0;t=')
+    assert len(upstream[0].seen) == 30
+    general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+    assert general.available == 70
+
+
+async def test_concurrency_cap_with_50_simultaneous_requests(
+    make_gateway: object,
+    ledger: Ledger,
+    upstream: tuple[Upstream, str],
+    http: aiohttp.ClientSession,
+) -> None:
+    client, _ = await make_gateway(  # type: ignore[operator]
+        "limits:\n  default: {rate: [], min_interval: null, concurrency: {max: 5}}\n"
+        "  blocks: null\n"
+    )
+    url = str(client.make_url("/v1/chat/x?slow=0.5"))
+
+    async def one() -> int:
+        async with http.post(url, json=CHAT, headers=bearer()) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(50)))
+    assert Counter(statuses) == {200: 5, 429: 45}
+    assert upstream[0].max_in_flight == 5
+    general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+    assert general.available == 95
+    # The slots were released: five more fit now.
+    statuses = await asyncio.gather(*(one() for _ in range(5)))
+    assert statuses == [200] * 5
+
+
+async def test_repeated_refusals_block_until_lifted_or_expired(
+    make_gateway: object, clock: Clock
+) -> None:
+    client, limiter = await make_gateway(  # type: ignore[operator]
+        "limits:\n  default: {rate: [], min_interval: null}\n"
+        "  blocks: {after: 3, within_seconds: 60, cooldown_seconds: 600}\n"
+    )
+    starter = bearer("freeloader", "bob")
+    codes = []
+    for _ in range(4):
+        resp = await client.post("/v1/leads/generate", json={}, headers=starter)
+        codes.append((resp.status, (await resp.json())["code"]))
+    assert codes == [(403, "plan_forbidden")] * 3 + [(429, "blocked")]
+    assert resp.headers["Retry-After"] == "600"
+    # Blocked for everything, even what the plan allows after a purchase.
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=starter)
+    assert resp.status == 429
+    # Another user of the organization is not blocked.
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer("freeloader", "carol"))
+    assert resp.status == 403
+    assert await limiter.unblock("freeloader", "bob") == 1
+    resp = await client.post("/v1/leads/generate", json={}, headers=starter)
+    assert (resp.status, (await resp.json())["code"]) == (403, "plan_forbidden")
+    for _ in range(2):
+        await client.post("/v1/leads/generate", json={}, headers=starter)
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=starter)
+    assert resp.status == 429
+    clock.advance(seconds=601)  # the block expires
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=starter)
+    assert resp.status == 403
+
+
+async def test_invalid_tokens_block_the_address(make_gateway: object) -> None:
+    client, limiter = await make_gateway(  # type: ignore[operator]
+        "limits:\n  blocks: {after: 5, within_seconds: 60, cooldown_seconds: 60}\n"
+    )
+    for _ in range(5):
+        resp = await client.post("/v1/chat/x", json=CHAT, headers={"Authorization": "Bearer x"})
+        assert resp.status == 401
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+    assert resp.status == 429 and (await resp.json())["code"] == "blocked"
+    assert await limiter.unblock(address="127.0.0.1") == 1
+    resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+    assert resp.status == 200
+
+
+async def test_spend_spike_alerts_with_a_signed_webhook(limiter: Limiter, clock: Clock) -> None:
+    received: list[tuple[bytes, str]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers.get("X-Gateway-Signature", "")))
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/alerts", hook)
+    server = TestServer(receiver, host="127.0.0.1")
+    await server.start_server()
+    spike = Spike(
+        window_minutes=5,
+        baseline_minutes=60,
+        factor=4,
+        min_tokens=20,
+        block=True,
+        webhook_url=str(server.make_url("/alerts")),
+        webhook_secret_env="ALERT_SECRET",
+    )
+    limiter.config = LimitsConfig(spike=spike)
+    try:
+        # An hour of steady use: 2 tokens a minute (10 per 5-minute window).
+        for _ in range(60):
+            assert await limiter.record_spend("acme", 2) is None
+            clock.advance(minutes=1)
+        for _ in range(4):  # 8 in this window: normal
+            assert await limiter.record_spend("acme", 2) is None
+        alert = None
+        for _ in range(10):  # then a burst: 40+ in the window, over 4 x 10
+            alert = alert or await limiter.record_spend("acme", 5)
+        assert alert is not None and alert.org == "acme" and alert.blocked
+        assert alert.recent > 40 and 9 <= alert.baseline <= 11
+        assert await limiter.record_spend("acme", 50) is None  # one alert per cooldown
+        with pytest.raises(Blocked):
+            await limiter.admit("acme", "alice", "general", only(), 10)
+
+        async with aiohttp.ClientSession() as session:
+            alerter = Alerter(spike, session, {"ALERT_SECRET": "s3cret"})
+            alerter.spike(alert)
+            await alerter.close()
+        assert alerter.sent == 1
+        body, signature = received[0]
+        assert verify("s3cret", body, signature)
+        assert not verify("wrong", body, signature)
+        assert json.loads(body)["organization"] == "acme"
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_redis_outage_fails_open_or_closed_and_recovers(
+    make_gateway: object,
+    redis_url: str,
+    ledger: Ledger,
+    upstream: tuple[Upstream, str],
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = Relay(redis_url)
+    await relay.start()
+    redis_via_relay = f"redis://127.0.0.1:{relay.port}/0"
+    try:
+        client, limiter = await make_gateway(  # type: ignore[operator]
+            f"limits:\n  on_store_error: {mode}\n  default: {{rate: 2/hour, min_interval: null}}\n"
+            "  blocks: null\n",
+            redis_via_relay,
+        )
+        assert (await client.post("/v1/chat/x", json=CHAT, headers=bearer())).status == 200
+        await relay.cut()
+        statuses = [
+            (await client.post("/v1/chat/x", json=CHAT, headers=bearer())).status for _ in range(3)
+        ]
+        outage_logs = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        assert len(outage_logs) == 1  # once per outage, not per request
+        assert limiter.store_errors >= 3
+        general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+        if mode == "open":
+            assert statuses == [200, 200, 200]  # the ledger still guards the money
+            assert general.available == 96
+        else:
+            assert statuses == [503, 503, 503]
+            assert general.available == 99
+            assert len(upstream[0].seen) == 1
+        await relay.start()  # Redis is back: no restart needed
+        await asyncio.sleep(0.1)
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        assert resp.status == 200  # the second of 2/hour (outage requests were not counted)
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        assert resp.status == 429
+    finally:
+        await relay.cut()
+
+
+async def test_limiter_unavailable_is_a_problem_in_closed_mode(redis_url: str) -> None:
+    limiter = Limiter.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", LimitsConfig(on_store_error="closed")
+    )
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.admit(
+                "acme", "alice", "general", only(rate=[RateLimit(limit="1/minute")]), 1
+            )
+    finally:
+        await limiter.close()
+
+
+async def test_three_gateways_share_one_limit_and_one_balance(
+    database_url: str,
+    redis_url: str,
+    schema: str,
+    ledger: Ledger,
+    upstream: tuple[Upstream, str],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    await ledger.create_org("shared", "starter")
+    await ledger.grant("shared", "general", 40, kind="purchase", reason="exactly 40 requests")
+    rules_file = tmp_path / "rules.yaml"
+    text = (REPO / "tests" / "rules_test.yaml").read_text()
+    text = text[: text.index("# Most tests exercise")] + (
+        "limits:\n  default: {rate: {limit: 60/hour, per: organization}, min_interval: null}\n"
+        "  blocks: null\n"
+    )
+    rules_file.write_text(
+        text.replace("${TEST_UPSTREAM_URL}", upstream[1]).replace(
+            "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        DATABASE_URL=database_url,
+        GATEWAY_DB_SCHEMA=schema,
+        REDIS_URL=redis_url,
+        GATEWAY_REDIS_PREFIX=f"{schema}:",
+        GATEWAY_RULES=str(rules_file),
+        GATEWAY_JWT_SECRET=SECRET,
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(p),
+            env=env,
+            cwd=REPO,
+        )
+        for p in ports
+    ]
+    try:
+        for port in ports:
+            for _ in range(150):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+        headers = bearer("shared", "u")
+
+        async def one(i: int) -> int:
+            port = ports[i % 3]
+            async with http.post(
+                f"http://127.0.0.1:{port}/v1/chat/x", json=CHAT, headers=headers
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(150)))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        await asyncio.gather(*(p.wait() for p in procs))
+    # 60 admitted by the shared limit; of those the shared balance covers exactly 40.
+    assert Counter(statuses) == {200: 40, 402: 20, 429: 90}
+    assert len(upstream[0].seen) == 40
+    general = {a.token_type: a for a in await ledger.balances("shared")}["general"]
+    assert (general.available, general.reserved) == (0, 0)
