@@ -7,12 +7,14 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+import redis.asyncio
 
 from gateway.auth import Authenticator
 from gateway.cli import free_port
@@ -225,3 +227,26 @@ async def test_demo_shows_metering_and_a_refusal(cli_env: dict[str, str]) -> Non
     assert "403 plan_forbidden" in result.out
     assert "every invariant holds" in result.out
     assert "curl -i http://127.0.0.1:" in result.out and "export TOKEN=ey" in result.out
+
+
+async def test_unblock(cli_env: dict[str, str], redis_url: str, schema: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    prefix = cli_env["GATEWAY_REDIS_PREFIX"]
+    until = int(time.time() * 1000) + 600_000
+    try:
+        await client.set(f"{prefix}{{acme}}:block:u:bob", until, px=600_000)
+        await client.set(f"{prefix}{{ip:10.0.0.9}}:block", until, px=600_000)
+        lifted = await gateway(cli_env, "unblock", "--org", "acme", "--user", "bob")
+        assert lifted.code == 0 and "lifted 1 block(s) for org acme user bob" in lifted.out
+        assert await client.exists(f"{prefix}{{acme}}:block:u:bob") == 0
+        again = await gateway(cli_env, "unblock", "--org", "acme", "--user", "bob")
+        assert "no block was in force" in again.out
+        by_ip = await gateway(cli_env, "unblock", "--ip", "10.0.0.9")
+        assert by_ip.code == 0 and "lifted 1 block(s)" in by_ip.out
+        nothing = await gateway(cli_env, "unblock")
+        assert nothing.code == 1 and "say what to unblock" in nothing.err
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
