@@ -462,3 +462,58 @@ async def test_three_gateways_share_one_limit_and_one_balance(
     assert len(upstream[0].seen) == 40
     general = {a.token_type: a for a in await ledger.balances("shared")}["general"]
     assert (general.available, general.reserved) == (0, 0)
+
+
+async def test_spike_through_the_gateway_alerts_and_blocks_the_organization(
+    ledger: Ledger, redis_url: str, clock: Clock, upstream: tuple[Upstream, str]
+) -> None:
+    received: list[tuple[bytes, str]] = []
+    got_alert = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers["X-Gateway-Signature"]))
+        got_alert.set()
+        return web.Response(status=204)
+
+    receiver = web.Application()
+    receiver.router.add_post("/alerts", hook)
+    hook_server = TestServer(receiver, host="127.0.0.1")
+    await hook_server.start_server()
+    rules = limits_rules(
+        upstream,
+        "limits:\n  default: {rate: [], min_interval: null}\n  blocks: null\n"
+        "  spike: {window_minutes: 5, baseline_minutes: 60, factor: 3, min_tokens: 10,\n"
+        f"          block: true, webhook_url: '{hook_server.make_url('/alerts')}'}}\n",
+    )
+    await ledger.create_org("acme", "pro")
+    limiter = Limiter.from_url(
+        redis_url, rules.document.limits, prefix=f"t{os.urandom(6).hex()}:", clock_ms=clock.ms
+    )
+    app = build_app(
+        rules,
+        ledger,
+        limiter,
+        environ={**ENVIRON, "GATEWAY_ALERT_SECRET": "hook-secret"},
+        sweeper=False,
+    )
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        for _ in range(2):  # 5 + 5 lead_generation tokens: the second reaches min_tokens
+            resp = await client.post("/v1/leads/generate", json={}, headers=bearer())
+            assert resp.status == 200
+        await asyncio.wait_for(got_alert.wait(), timeout=10)
+        body, signature = received[0]
+        assert verify("hook-secret", body, signature)
+        alert = json.loads(body)
+        assert alert["organization"] == "acme" and alert["recent_tokens"] == 10
+        assert alert["blocked"] is True
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer("acme", "other"))
+        assert resp.status == 429 and (await resp.json())["code"] == "blocked"
+        assert await limiter.unblock("acme") == 1
+        resp = await client.post("/v1/chat/x", json=CHAT, headers=bearer())
+        assert resp.status == 200
+    finally:
+        await client.close()
+        await limiter.close()
+        await hook_server.close()

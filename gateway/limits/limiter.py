@@ -205,7 +205,8 @@ class Limiter:
         lease_seconds: float,
     ) -> None:
         now = self.clock_ms()
-        if self.config.blocks is not None:
+        spike_blocks = self.config.spike is not None and self.config.spike.block
+        if self.config.blocks is not None or spike_blocks:
             keys = [
                 self._key(org, "block", self._subject("user", user)),
                 self._key(org, "block", "o"),
