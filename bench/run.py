@@ -35,17 +35,34 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BIN = Path(sys.executable).parent  # .venv/bin: the gateway command lives next to python
 PATH = "/v1/chat/completions"
 BODY = json.dumps({"model": "sample-1", "messages": [{"role": "user", "content": "Hello"}]})
-ORG, USER, TOKEN_TYPE = "bench", "bench", "general"
+ORG, USER, TOKEN_TYPE, PLAN = "bench", "bench", "general", "enterprise"
 GRANT = 100_000_000
 TARGETS = ("upstream", "passthrough", "gateway")
 WRK_TIMEOUT = "10s"  # wrk's default (2s) would count slow answers as errors
+# --limits bench: what rate limits and concurrency caps become, so that one user's load is
+# never refused while every check still runs.
+UNBOUND_RATE = "1000000/second"
+UNBOUND_CONCURRENCY = 1_000_000
+# What the gateway applies when rules.yaml says nothing (gateway/limits/config.py).
+BUILTIN_LIMITS: dict[str, Any] = {
+    "rate": [{"limit": "30/minute", "per": "user"}],
+    "min_interval": {"seconds": 3, "per": "user"},
+    "concurrency": None,
+}
+LIMITS_MODES = {
+    "bench": "rules.yaml's limits with rate limits and concurrency caps raised out of reach "
+    "and min_interval off, so that one user can load the gateway; blocks, rate checks and "
+    "spike accounting still run on Redis",
+    "off": "every limit off (no Redis round trip): the cost of metering alone",
+    "rules": "rules.yaml as it is: its per-user limits refuse a load test within seconds",
+}
 
 
 class BenchError(Exception):
@@ -82,6 +99,10 @@ def machine() -> dict[str, Any]:
 class CpuWindow:
     """CPU seconds used during one measurement, by process group, and the machine's load."""
 
+    NAMED: ClassVar[dict[str, frozenset[str]]] = {
+        "postgres": frozenset({"postgres"}),
+        "redis": frozenset({"valkey-server", "redis-server"}),
+    }
     ticks: float = float(os.sysconf("SC_CLK_TCK"))
     pids: dict[str, int] = field(default_factory=dict)
     start: dict[str, float] = field(default_factory=dict)
@@ -97,15 +118,18 @@ class CpuWindow:
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / self.ticks  # utime + stime
 
-    def _postgres(self) -> float:
-        total = 0.0
+    def _by_name(self) -> dict[str, float]:
+        """CPU seconds of every PostgreSQL and Redis/Valkey process on the machine."""
+        total = dict.fromkeys(self.NAMED, 0.0)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError, IndexError, ValueError):
                 stat = (entry / "stat").read_text()
-                if stat[stat.index("(") + 1 : stat.rindex(")")] == "postgres":
-                    total += self._proc(int(entry.name))
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                for group, names in self.NAMED.items():
+                    if comm in names:
+                        total[group] += self._proc(int(entry.name))
         return total
 
     def _machine(self) -> tuple[float, float]:
@@ -120,7 +144,7 @@ class CpuWindow:
     def begin(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.start = {name: self._proc(pid) for name, pid in pids.items()}
-        self.start["postgres"] = self._postgres()
+        self.start.update(self._by_name())
         self.machine_start = self._machine()
         self.children_start = self._children()
         self.started = time.monotonic()
@@ -130,8 +154,8 @@ class CpuWindow:
         percent of all CPUs busy."""
         elapsed = time.monotonic() - self.started
         used = {name: self._proc(pid) - self.start[name] for name, pid in self.pids.items()}
-        used["postgres"] = self._postgres() - self.start["postgres"]
-        used["load generator"] = self._children() - self.children_start
+        used.update({k: v - self.start[k] for k, v in self._by_name().items()})
+        used["load gen"] = self._children() - self.children_start
         busy, total = self._machine()
         out = {name: round(100 * seconds / elapsed, 1) for name, seconds in used.items()}
         span = total - self.machine_start[1]
@@ -258,6 +282,71 @@ class Gateway:
         return int(account["available"]), int(account["reserved"])
 
 
+# -- the rules ---------------------------------------------------------------------------
+
+
+def _rates(value: object) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [{"limit": r} if isinstance(r, str) else dict(r) for r in items]
+
+
+def _loosened(level: dict[str, Any]) -> dict[str, Any]:
+    """The same kinds of limit, none of which can refuse the bench's load."""
+    out = dict(level)
+    if "rate" in out:
+        out["rate"] = [{**r, "limit": UNBOUND_RATE} for r in _rates(out["rate"])]
+    if "min_interval" in out:
+        out["min_interval"] = None  # no interval is short enough for concurrent requests
+    if isinstance(out.get("concurrency"), dict):
+        out["concurrency"] = {**out["concurrency"], "max": UNBOUND_CONCURRENCY}
+    return out
+
+
+def bench_rules(source: Path, mode: str, dest: Path) -> Path:
+    """The rules the gateway runs with: ``source`` with its ``limits`` adjusted for a load
+    test by ``mode`` (see LIMITS_MODES); everything else as it is."""
+    if mode == "rules":
+        return source
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    auth = doc.get("auth") or {}
+    key_file = auth.get("public_key_file")
+    if isinstance(key_file, str) and not Path(key_file).is_absolute():
+        auth["public_key_file"] = str(source.parent / key_file)
+    limits = dict(doc.get("limits") or {})
+    routes = doc.get("routes") or []
+    if mode == "off":
+        limits["default"] = {"rate": [], "min_interval": None, "concurrency": None}
+        limits["plans"] = {}
+        limits["blocks"] = None
+        limits["spike"] = None
+        for route in routes:
+            route.pop("limits", None)
+    else:
+        default = limits.get("default") or {}
+        plans = dict(limits.get("plans") or {})
+        plan = plans.get(PLAN) or {}
+        # Kind by kind, what the plan gets today (its own, else the default, else built in).
+        effective = {
+            kind: plan.get(kind, default.get(kind, builtin))
+            for kind, builtin in BUILTIN_LIMITS.items()
+        }
+        plans[PLAN] = _loosened(effective)
+        limits["plans"] = plans
+        for route in routes:
+            if isinstance(route.get("limits"), dict):
+                route["limits"] = _loosened(route["limits"])
+    doc["limits"] = limits
+    dest.write_text(
+        f"# {source} for bench/run.py --limits {mode}: {LIMITS_MODES[mode]}\n"
+        + yaml.safe_dump(doc, sort_keys=False)
+    )
+    return dest
+
+
 # -- the ledger's database ---------------------------------------------------------------
 
 
@@ -271,7 +360,9 @@ async def _execute(dsn: str, sql: str) -> None:
         await conn.close()
 
 
-async def _journal_counts(dsn: str, schema: str | None) -> dict[str, int]:
+async def _journal(dsn: str, schema: str | None, after_id: int) -> dict[str, Any]:
+    """Journal rows of the bench account by kind, the refunds' reasons since ``after_id``,
+    the last row's id, and the reservations still held."""
     import asyncpg
 
     settings = {"search_path": schema} if schema else {}
@@ -283,14 +374,25 @@ async def _journal_counts(dsn: str, schema: str | None) -> dict[str, int]:
             ORG,
             TOKEN_TYPE,
         )
+        reasons = await conn.fetch(
+            "SELECT coalesce(reason, '') AS reason, count(*) AS n FROM journal "
+            "WHERE org_id = $1 AND kind IN ('refund', 'expire') AND id > $2 "
+            "GROUP BY 1 ORDER BY 2 DESC",
+            ORG,
+            after_id,
+        )
+        last_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM journal")
         held = await conn.fetchval(
             "SELECT count(*) FROM reservations WHERE org_id = $1 AND state = 'held'", ORG
         )
     finally:
         await conn.close()
-    counts = {str(r["kind"]): int(r["n"]) for r in rows}
-    counts["held"] = int(held)
-    return counts
+    return {
+        "kinds": {str(r["kind"]): int(r["n"]) for r in rows},
+        "refund_reasons": {str(r["reason"]): int(r["n"]) for r in reasons},
+        "last_id": int(last_id),
+        "held": int(held),
+    }
 
 
 def embedded_dsn(data_dir: Path) -> str | None:
@@ -313,7 +415,7 @@ def embedded_dsn(data_dir: Path) -> str | None:
 class Snapshot:
     available: int
     reserved: int
-    journal: dict[str, int] | None  # rows per kind, and held reservations; None: not read
+    journal: dict[str, Any] | None  # see _journal; None: not read
 
 
 class LedgerProbe:
@@ -322,7 +424,7 @@ class LedgerProbe:
         self.dsn = dsn
         self.schema = schema
 
-    def settled(self, timeout: float = 60.0) -> Snapshot:
+    def settled(self, since: Snapshot | None = None, timeout: float = 60.0) -> Snapshot:
         """A snapshot once nothing is held and the balance has stopped moving: requests a
         load generator abandoned at its end are still settled by the gateway."""
         deadline = time.monotonic() + timeout
@@ -341,7 +443,8 @@ class LedgerProbe:
         journal = None
         if self.dsn is not None:
             try:
-                journal = asyncio.run(_journal_counts(self.dsn, self.schema))
+                after_id = since.journal["last_id"] if since and since.journal else 0
+                journal = asyncio.run(_journal(self.dsn, self.schema, after_id))
             except Exception as exc:
                 print(f"  (journal not read: {type(exc).__name__}: {exc})")
         return Snapshot(current[0], current[1], journal)
@@ -547,6 +650,24 @@ def run_python(url: str, token: str, args: argparse.Namespace, seconds: int) -> 
     )
 
 
+def probe_once(url: str, token: str) -> str:
+    """One request as the load generator sends it: its status and the start of its body."""
+    request = urllib.request.Request(
+        url,
+        data=BODY.encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        return f"no answer ({exc})"
+    return f"{status} {body[:300].decode(errors='replace')}"
+
+
 def find_wrk() -> str | None:
     found = shutil.which("wrk")
     if found:
@@ -581,6 +702,7 @@ class LedgerCheck:
     held_after: int | None
     exact: bool  # the generator waited for every request it sent
     concurrency: int
+    refund_reasons: dict[str, int] = field(default_factory=dict)
     audit: str = ""
     problems: list[str] = field(default_factory=list)
 
@@ -655,7 +777,10 @@ class Bench:
             print(f"ledger: DATABASE_URL, fresh schema {self.schema}")
         else:
             print(f"ledger: embedded PostgreSQL in {self.data_dir} (DATABASE_URL is not set)")
-        gateway = Gateway(self.args.rules, env)
+        rules = bench_rules(self.args.rules, self.args.limits, self.work / "rules.yaml")
+        gateway = Gateway(rules, env)
+        gateway.cli("rules", "check", str(rules))
+        print(f"limits (--limits {self.args.limits}): {LIMITS_MODES[self.args.limits]}")
         print(f"starting the gateway on http://127.0.0.1:{gw_port}")
         gw = self._service(
             "gateway",
@@ -697,7 +822,11 @@ class Bench:
         if args.warmup:
             warm = self.load(url, args.warmup)
             if warm.ok == 0:
-                raise BenchError(f"{target}: no 2xx answer during the warm-up ({warm})")
+                raise BenchError(
+                    f"{target}: no 2xx answer in {warm.requests} request(s) during the warm-up "
+                    f"(errors {warm.errors or 'none'}); one more request now answers "
+                    f"{probe_once(url, self.token)}"
+                )
         before = probe.settled() if probe is not None else None
         serving = {"upstream": ["upstream"], "passthrough": ["passthrough", "upstream"]}.get(
             target, ["gateway", "upstream"]
@@ -716,6 +845,7 @@ class Bench:
             what = f"{load.non_2xx} non-2xx response(s), errors {load.errors or 'none'}"
             if load.statuses:
                 what += f", statuses {load.statuses}"
+            what += f"; one more request now answers {probe_once(url, self.token)}"
             self.failures.append(f"{target}: {what}")
         return result, before
 
@@ -743,13 +873,13 @@ class Bench:
     def check_ledger(
         self, gateway: Gateway, probe: LedgerProbe, before: Snapshot, load: Load
     ) -> LedgerCheck:
-        after = probe.settled()
+        after = probe.settled(since=before)
         drop = before.available - after.available
 
         def delta(kind: str) -> int | None:
             if before.journal is None or after.journal is None:
                 return None
-            return after.journal.get(kind, 0) - before.journal.get(kind, 0)
+            return int(after.journal["kinds"].get(kind, 0) - before.journal["kinds"].get(kind, 0))
 
         check = LedgerCheck(
             ok_responses=load.ok,
@@ -760,6 +890,7 @@ class Bench:
             held_after=after.journal["held"] if after.journal is not None else after.reserved,
             exact=load.generator == "python",
             concurrency=self.args.concurrency,
+            refund_reasons=after.journal["refund_reasons"] if after.journal else {},
         )
         problems = check.problems
         if check.commits is not None and check.commits != drop:
@@ -872,9 +1003,10 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
         "read the ratios."
     )
     if bench.database_url:
-        print(f"ledger: DATABASE_URL, schema {bench.schema} (dropped at the end)\n")
+        print(f"ledger: DATABASE_URL, schema {bench.schema} (dropped at the end)")
     else:
-        print("ledger: embedded PostgreSQL in a temporary data directory\n")
+        print("ledger: embedded PostgreSQL in a temporary data directory")
+    print(f"limits: --limits {args.limits}: {LIMITS_MODES[args.limits]}\n")
     print(
         f"{'target':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'requests':>11}"
         f"{'non-2xx':>9}{'errors':>8}"
@@ -892,11 +1024,11 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             print(f"{name:<26}{row['throughput']:>11.2f}x{row['p50']:>9.2f}x{row['p99']:>9.2f}x")
     if bench.results:
         print("\nCPU during each run, % of one CPU (machine: % of all CPUs busy)")
-        columns = ["upstream", "passthrough", "gateway", "postgres", "load generator", "machine"]
-        print(f"{'target':<14}" + "".join(f"{c:>15}" for c in columns))
+        columns = ["upstream", "passthrough", "gateway", "postgres", "redis", "load gen", "machine"]
+        print(f"{'target':<14}" + "".join(f"{c:>12}" for c in columns))
         for r in bench.results:
             cells = [f"{r.cpu[c]:.0f}" if c in r.cpu else "-" for c in columns]
-            print(f"{r.target:<14}" + "".join(f"{c:>15}" for c in cells))
+            print(f"{r.target:<14}" + "".join(f"{c:>12}" for c in cells))
     check = bench.ledger
     if check is not None:
         print(f"\nledger check (gateway run): {check.verdict()}")
@@ -907,6 +1039,8 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
                 f"  journal: {check.commits} commit(s), {check.refunds} refund(s), "
                 f"{check.expires} expiry(ies); {check.held_after} reservation(s) held after"
             )
+            for reason, n in check.refund_reasons.items():
+                print(f"    {n} refunded or expired: {reason or '(no reason recorded)'}")
         else:
             print("  journal: not read (no DSN for the embedded server)")
         extra = check.balance_drop - check.ok_responses
@@ -932,6 +1066,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             "threads": min(args.threads, args.concurrency),
             "generator": bench.generator,
             "ledger": "database_url" if bench.database_url else "embedded",
+            "limits": args.limits,
             "body_bytes": len(BODY),
         },
         "results": {
@@ -979,7 +1114,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: wrk when installed, else the built-in python generator",
     )
-    parser.add_argument("--rules", type=Path, default=ROOT / "rules.yaml")
+    parser.add_argument(
+        "--rules", type=Path, default=ROOT / "rules.yaml", help="default: the repo's rules.yaml"
+    )
+    parser.add_argument(
+        "--limits",
+        choices=tuple(LIMITS_MODES),
+        default="bench",
+        help="; ".join(f"{k}: {v}" for k, v in LIMITS_MODES.items()) + " (default: bench)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs (kept on failure)"

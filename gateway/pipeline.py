@@ -1,4 +1,4 @@
-"""The request path, in order: authenticate, match, gate and reserve, forward, settle.
+"""The request path, in order: match, authenticate, limit, gate and reserve, forward, settle.
 
 The invariant this module keeps: nothing is forwarded without a held reservation, and
 every held reservation is settled exactly once by the upstream's outcome (2xx read to the
@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -57,26 +57,33 @@ def request_id_of(request: web.Request) -> str:
 async def handle(request: web.Request) -> web.StreamResponse:
     """The catch-all handler for metered routes."""
     state = request.app[STATE]
-    rules = state.rules  # one snapshot for the whole request, whatever reloads meanwhile
+    active = state.active  # one snapshot for the whole request, whatever reloads meanwhile
+    rules = active.rules
+    metrics = state.metrics
     request_id = request_id_of(request)
     started = time.monotonic()
     limiter = state.limiter
     address = request.remote or ""
     caller: Caller | None = None
+    route: Route | None = None
     admission = Admission()
     try:
         await limiter.check_address(address)
-        principal = await state.auth.authenticate(request.headers.get("Authorization"))
-        caller = Caller(principal.org, principal.user, principal.roles, request_id)
         route = rules.match(request.method, request.path)
         if route is None:
             raise NoRoute(f"no route in rules.yaml matches {request.method} {request.path}")
+        if not route.config.enforce:
+            return await _shadow(request, state, route, request_id, started)
+        principal = await active.auth.authenticate(request.headers.get("Authorization"))
+        caller = Caller(principal.org, principal.user, principal.roles, request_id)
         limits = await state.limits_for(caller.org, route)
         # Limits before the ledger: a request refused by a limit is never charged.
-        admission = await limiter.admit(
-            caller.org, caller.user, route.token_type, limits, route.upstream.timeout_seconds
-        )
-        outcome = await _reserve(state.ledger, rules, route, caller)
+        with metrics.redis_seconds.time():
+            admission = await limiter.admit(
+                caller.org, caller.user, route.token_type, limits, route.upstream.timeout_seconds
+            )
+        with metrics.ledger_seconds.labels("reserve").time():
+            outcome = await _reserve(state.ledger, rules, route, caller)
     except GatewayError as exc:
         await limiter.release(admission)
         log.info(
@@ -87,7 +94,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
             exc.code,
             request_id,
             exc.detail,
+            extra={"request_id": request_id, "status": exc.status, "code": exc.code},
         )
+        metrics.refusals.labels(exc.code).inc()
+        metrics.requests.labels(route.name if route else "", "refused", str(exc.status)).inc()
+        if exc.code == "ledger_unavailable":
+            metrics.store_errors.labels("ledger").inc()
+        elif exc.code == "limits_unavailable":
+            metrics.store_errors.labels("redis").inc()
         if exc.status in _COUNTED_REFUSALS and exc.code != "blocked":
             await limiter.record_refusal(
                 caller.org if caller else None, caller.user if caller else None, address
@@ -96,12 +110,54 @@ async def handle(request: web.Request) -> web.StreamResponse:
             instance=request.path, headers={"X-Request-Id": request_id, **admission.headers}
         )
 
-    exchange = Exchange(request, route, caller, outcome, state.ledger, started, admission)
-    task = asyncio.create_task(exchange.run(state), name=f"exchange-{request_id}")
+    metrics.tokens.labels(route.token_type, "reserved").inc(route.cost)
+    exchange = Exchange(request, route, caller, state.ledger, started, admission, outcome)
+    return await _run_shielded(state, exchange)
+
+
+async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamResponse:
+    task = asyncio.create_task(exchange.run(state), name=f"exchange-{exchange.caller.request_id}")
     state.inflight.add(task)
     task.add_done_callback(state.inflight.discard)
     # If the client hangs up and this handler is cancelled, the exchange goes on.
     return await asyncio.shield(task)
+
+
+async def _shadow(
+    request: web.Request, state: GatewayState, route: Route, request_id: str, started: float
+) -> web.StreamResponse:
+    """A route with ``enforce: false``: every gate is evaluated and what it would refuse is
+    logged and counted, then the request is forwarded anyway and journaled as a shadow
+    entry that moves no balance."""
+    would: list[str] = []
+    org = user = ""
+    roles: frozenset[str] = frozenset()
+    try:
+        principal = await state.active.auth.authenticate(request.headers.get("Authorization"))
+        org, user, roles = principal.org, principal.user, principal.roles
+    except GatewayError as exc:
+        would.append(exc.code)
+    admission = Admission()
+    if org:
+        try:
+            limits = await state.limits_for(org, route)
+            verdicts = await state.limiter.peek(org, user, route.token_type, limits)
+            would.extend(_limit_code(name) for name, ok, _ in verdicts if not ok)
+        except GatewayError as exc:
+            would.append(exc.code)
+    caller = Caller(org, user, roles, request_id)
+    exchange = Exchange(request, route, caller, state.ledger, started, admission, None, would)
+    return await _run_shielded(state, exchange)
+
+
+def _limit_code(limit: str) -> str:
+    kind = limit.split(" ", 1)[0]
+    return {
+        "blocks": "blocked",
+        "rate": "rate_limited",
+        "min_interval": "too_frequent",
+        "concurrency": "too_many_in_flight",
+    }.get(kind, kind)
 
 
 async def _reserve(ledger: Ledger, rules: Rules, route: Route, caller: Caller) -> ReserveOutcome:
@@ -154,61 +210,79 @@ async def _reserve(ledger: Ledger, rules: Rules, route: Route, caller: Caller) -
 
 @dataclass
 class Exchange:
-    """One forwarded request, from its held reservation to its settlement."""
+    """One forwarded request, from its held reservation (none in shadow mode) to its
+    settlement."""
 
     request: web.Request
     route: Route
     caller: Caller
-    outcome: ReserveOutcome
     ledger: Ledger
     started: float
     admission: Admission
+    outcome: ReserveOutcome | None  # None: a shadow-mode route
+    would_refuse: list[str] = field(default_factory=list)  # shadow mode: what gates said
     client_gone: bool = False
     charged: int = 0
+    settled_as: str = "refunded"
 
     @property
-    def reservation_id(self) -> uuid.UUID:
-        assert self.outcome.reservation_id is not None
-        return self.outcome.reservation_id
+    def shadow(self) -> bool:
+        return self.outcome is None
 
     def _gateway_headers(self, charged: bool) -> dict[str, str]:
+        if self.outcome is None:
+            return {"X-Tokens-Charged": "0", "X-Request-Id": self.caller.request_id}
         cost = self.route.cost
         return {
             "X-Tokens-Charged": str(cost if charged else 0),
             "X-Tokens-Remaining": str(self.outcome.remaining + (0 if charged else cost)),
-            "X-Reservation-Id": str(self.reservation_id),
+            "X-Reservation-Id": str(self.outcome.reservation_id),
             "X-Request-Id": self.caller.request_id,
             **self.admission.headers,
         }
 
     async def run(self, state: GatewayState) -> web.StreamResponse:
+        metrics = state.metrics
+        metrics.in_flight.inc()
+        status = 0
         try:
-            return await self._run(state.session)
+            response = await self._run(state)
+            status = response.status
+            return response
         finally:
+            metrics.in_flight.dec()
+            outcome = "shadow" if self.shadow else self.settled_as
+            metrics.requests.labels(self.route.name, outcome, str(status or "")).inc()
+            metrics.request_seconds.labels(self.route.name).observe(time.monotonic() - self.started)
             await state.limiter.release(self.admission)
             if self.charged:
                 alert = await state.limiter.record_spend(self.caller.org, self.charged)
                 if alert is not None:
                     state.alert(alert)
 
-    async def _run(self, session: aiohttp.ClientSession) -> web.StreamResponse:
+    async def _run(self, state: GatewayState) -> web.StreamResponse:
+        upstream_started = time.monotonic()
+        upstream_seconds = state.metrics.upstream_seconds.labels(self.route.config.upstream)
         try:
-            upstream = await open_upstream(session, self.request, self.route, self.caller)
+            upstream = await open_upstream(state.session, self.request, self.route, self.caller)
         except (UpstreamError, UpstreamTimeout) as exc:
-            await self._settle(ok=False, reason=exc.detail)
+            upstream_seconds.observe(time.monotonic() - upstream_started)
+            await self._settle(state, ok=False, reason=exc.detail)
             self._log(exc.status, charged=False, note=exc.code)
             return exc.response(
                 instance=self.request.path, headers=self._gateway_headers(charged=False)
             )
         except BaseException:
-            await self._settle(ok=False, reason="gateway error before the upstream answered")
+            await self._settle(state, ok=False, reason="gateway error before the upstream answered")
             raise
         try:
-            return await self._relay(upstream)
+            return await self._relay(state, upstream, upstream_started)
         finally:
             upstream.release()
 
-    async def _relay(self, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(
+        self, state: GatewayState, upstream: aiohttp.ClientResponse, upstream_started: float
+    ) -> web.StreamResponse:
         ok = 200 <= upstream.status < 300
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(client_response_headers(upstream))
@@ -230,16 +304,19 @@ class Exchange:
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = map_client_error(exc, self.route.config.upstream).detail + " mid-body"
         except BaseException:
-            await self._settle(ok=False, reason="gateway error while relaying the body")
+            await self._settle(state, ok=False, reason="gateway error while relaying the body")
             raise
+        state.metrics.upstream_seconds.labels(self.route.config.upstream).observe(
+            time.monotonic() - upstream_started
+        )
         if failure is None:
-            await self._settle(ok=ok, reason=f"upstream answered {upstream.status}")
+            await self._settle(state, ok=ok, reason=f"upstream answered {upstream.status}")
             if held_back:
                 await self._send(response.write(held_back))
             await self._send(response.write_eof())
-            self._log(upstream.status, charged=ok)
+            self._log(upstream.status, charged=ok and not self.shadow)
         else:
-            await self._settle(ok=False, reason=failure)
+            await self._settle(state, ok=False, reason=failure)
             self._log(upstream.status, charged=False, note="upstream failed mid-body")
             # The client must see a broken response, not a complete-looking short one.
             if self.request.transport is not None:
@@ -257,39 +334,80 @@ class Exchange:
         except _CLIENT_GONE as exc:
             self.client_gone = True
             log.info(
-                "client went away request_id=%s reservation=%s: %s; reading the upstream to "
-                "the end to settle",
+                "client went away request_id=%s: %s; reading the upstream to the end to settle",
                 self.caller.request_id,
-                self.reservation_id,
                 type(exc).__name__,
             )
 
-    async def _settle(self, *, ok: bool, reason: str) -> None:
+    async def _settle(self, state: GatewayState, *, ok: bool, reason: str) -> None:
+        if self.outcome is None:
+            await self._settle_shadow(state, ok=ok)
+            return
+        reservation_id = self.outcome.reservation_id
+        assert reservation_id is not None
         if self.client_gone:
             reason += " (client disconnected before the end)"
+        metrics = state.metrics
+        token_type = self.route.token_type
         for delay in (*_SETTLE_RETRY_DELAYS, None):
             try:
-                if ok:
-                    settled = await self.ledger.commit(self.reservation_id, actor=self.caller.user)
-                    self.charged = settled.charged
-                else:
-                    await self.ledger.refund(self.reservation_id, reason=reason, actor="gateway")
+                with metrics.ledger_seconds.labels("commit" if ok else "refund").time():
+                    if ok:
+                        settled = await self.ledger.commit(reservation_id, actor=self.caller.user)
+                        self.charged, self.settled_as = settled.charged, "committed"
+                        metrics.tokens.labels(token_type, "committed").inc(settled.charged)
+                    else:
+                        await self.ledger.refund(reservation_id, reason=reason, actor="gateway")
+                        metrics.tokens.labels(token_type, "refunded").inc(self.route.cost)
                 return
             except LedgerError as exc:
                 # Settled already (the sweeper expired it during a long outage): the
                 # ledger's word is final and the tokens are accounted for either way.
-                log.warning("settlement of %s refused: %s", self.reservation_id, exc)
+                log.warning("settlement of %s refused: %s", reservation_id, exc)
                 return
             except LedgerUnavailable:
+                metrics.store_errors.labels("ledger").inc()
                 if delay is None:
                     log.error(
                         "could not settle reservation %s (%s); it stays held and the "
                         "sweeper refunds it at its expiry",
-                        self.reservation_id,
+                        reservation_id,
                         "commit" if ok else "refund",
                     )
                     return
                 await asyncio.sleep(delay)
+
+    async def _settle_shadow(self, state: GatewayState, *, ok: bool) -> None:
+        would = list(self.would_refuse)
+        if self.caller.org and not would:
+            try:
+                verdict = await self.ledger.record_shadow(
+                    self.caller.org,
+                    self.route.token_type,
+                    self.route.cost,
+                    charged=self.route.cost if ok else 0,
+                    plans=self.route.config.plans,
+                    route=self.route.name,
+                    user=self.caller.user,
+                    request_id=self.caller.request_id,
+                )
+            except LedgerUnavailable:
+                verdict = "ledger_unavailable"
+            if verdict != "ok":
+                would.append(_SHADOW_CODES.get(verdict, verdict))
+            elif ok:
+                state.metrics.tokens.labels(self.route.token_type, "shadow").inc(self.route.cost)
+        for code in would:
+            state.metrics.shadow_refusals.labels(self.route.name, code).inc()
+        if would:
+            log.warning(
+                "shadow route %s would have refused request_id=%s org=%s: %s",
+                self.route.name,
+                self.caller.request_id,
+                self.caller.org or "-",
+                ", ".join(would),
+                extra={"request_id": self.caller.request_id, "would_refuse": would},
+            )
 
     def _log(self, status: int, *, charged: bool, note: str = "") -> None:
         log.info(
@@ -304,4 +422,20 @@ class Exchange:
             self.caller.request_id,
             (time.monotonic() - self.started) * 1000,
             f" ({note})" if note else "",
+            extra={
+                "request_id": self.caller.request_id,
+                "org": self.caller.org,
+                "user": self.caller.user,
+                "route": self.route.name,
+                "status": status,
+                "charged": self.route.cost if charged else 0,
+                "shadow": self.shadow,
+            },
         )
+
+
+_SHADOW_CODES = {
+    "insufficient": "insufficient_tokens",
+    "plan_forbidden": "plan_forbidden",
+    "unknown_organization": "unknown_organization",
+}

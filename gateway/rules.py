@@ -71,6 +71,7 @@ class AuthConfig(_Strict):
     leeway_seconds: NonNegativeInt = 30
     require: list[Literal["exp", "iat", "nbf", "iss", "aud", "sub"]] = ["exp"]
     claims: ClaimsConfig = ClaimsConfig()
+    admin_role: str = "gateway-admin"  # a role claim that opens /v1/admin/
 
     @field_validator("audience", mode="before")
     @classmethod

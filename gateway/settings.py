@@ -17,6 +17,7 @@ class Settings:
     data_dir: Path
     rules_path: Path
     log_level: str
+    log_format: str | None  # json | text; None: json for serve, text otherwise
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -29,4 +30,5 @@ class Settings:
             data_dir=Path(env.get("GATEWAY_DATA_DIR") or ".gateway"),
             rules_path=Path(env.get("GATEWAY_RULES") or "rules.yaml"),
             log_level=(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
+            log_format=(env.get("GATEWAY_LOG_FORMAT") or "").lower() or None,
         )

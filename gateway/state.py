@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from gateway.limits.config import Effective, effective
+from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
@@ -24,18 +25,33 @@ if TYPE_CHECKING:
 PLAN_CACHE_SECONDS = 10.0
 
 
+@dataclass(frozen=True)
+class Active:
+    """The rules in force and what was built from them, swapped as one on reload."""
+
+    rules: Rules
+    auth: Authenticator
+    alerter: Alerter
+    loaded_at: float
+
+
 @dataclass
 class GatewayState:
-    rules: Rules
+    active: Active
     ledger: Ledger
-    auth: Authenticator
     session: aiohttp.ClientSession
     limiter: Limiter
-    alerter: Alerter
+    metrics: Metrics
     inflight: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
+    last_reload: dict[str, Any] = field(default_factory=dict)
+    retiring: set[asyncio.Task[None]] = field(default_factory=set)
     _plans: dict[str, tuple[float, str | None]] = field(default_factory=dict)
     _limits: dict[tuple[str | None, int], Effective] = field(default_factory=dict)
     _limits_rules: Rules | None = None
+
+    @property
+    def rules(self) -> Rules:
+        return self.active.rules
 
     async def plan_of(self, org: str) -> str | None:
         now = time.monotonic()
@@ -61,7 +77,7 @@ class GatewayState:
         return self._limits[key]
 
     def alert(self, alert: SpikeAlert) -> None:
-        self.alerter.spike(alert)
+        self.active.alerter.spike(alert)
 
 
 STATE = web.AppKey("gateway", GatewayState)

@@ -160,6 +160,8 @@ async def test_a_killed_gateways_reservation_expires_and_is_refunded(
         "-m",
         "gateway.cli",
         "serve",
+        "--workers",
+        "1",
         "--host",
         "127.0.0.1",
         "--port",

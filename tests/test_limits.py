@@ -424,6 +424,8 @@ async def test_three_gateways_share_one_limit_and_one_balance(
             "-m",
             "gateway.cli",
             "serve",
+            "--workers",
+            "1",
             "--host",
             "127.0.0.1",
             "--port",

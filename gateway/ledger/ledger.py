@@ -313,11 +313,49 @@ class Ledger:
             token_type=row["token_type"],
         )
 
+    async def record_shadow(
+        self,
+        org: str,
+        token_type: str,
+        amount: int,
+        *,
+        charged: int,
+        plans: Sequence[str] | None = None,
+        route: str | None = None,
+        user: str | None = None,
+        request_id: str | None = None,
+        journal: bool = True,
+    ) -> str:
+        """Journal a shadow-mode request (moving nothing) and return what a reserve of
+        ``amount`` would have answered: ok, unknown_organization, plan_forbidden or
+        insufficient. With ``journal=False`` only answer."""
+        return str(
+            await self._fetchval(
+                "SELECT gw_shadow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                org,
+                token_type,
+                amount,
+                charged,
+                list(plans) if plans is not None else None,
+                route,
+                user,
+                request_id,
+                self.clock(),
+                journal,
+            )
+        )
+
     # -- maintenance ------------------------------------------------------------------
 
     async def expire_overdue(self, limit: int = 500) -> int:
         """Refund reservations held past their expiry. Returns how many were expired."""
-        return int(await self._fetchval("SELECT gw_expire_overdue($1, $2)", self.clock(), limit))
+        rows = await self._fetch("SELECT * FROM gw_expire_overdue($1, $2)", self.clock(), limit)
+        return sum(int(r["reservations"]) for r in rows)
+
+    async def expire_overdue_by_type(self, limit: int = 500) -> dict[str, int]:
+        """Like ``expire_overdue``; returns the tokens released per token type."""
+        rows = await self._fetch("SELECT * FROM gw_expire_overdue($1, $2)", self.clock(), limit)
+        return {str(r["token_type"]): int(r["tokens"]) for r in rows}
 
     async def refresh_overdue(self, limit: int = 500) -> int:
         """Start the new period of accounts whose period has ended."""

@@ -279,6 +279,55 @@ class Limiter:
                 )
             admission.leases.append((key, lease))
 
+    async def peek(
+        self, org: str, user: str, token_type: str, limits: Effective
+    ) -> list[tuple[str, bool, str]]:
+        """Each limit's verdict for a request now, consuming nothing: (limit, would
+        admit, detail). Raises ``LimiterUnavailable``."""
+        now = self.clock_ms()
+        verdicts: list[tuple[str, bool, str]] = []
+        keys = [self._key(org, "block", self._subject("user", user)), self._key(org, "block", "o")]
+        index, retry_ms = await self._run("blocked", keys, [now])
+        verdicts.append(
+            ("blocks", not index, f"blocked for {_retry_seconds(retry_ms)}s" if index else "none")
+        )
+        for rate in limits.rate:
+            key = self._key(
+                org,
+                "rate",
+                self._subject(rate.per, user),
+                str(rate.window_seconds),
+                str(rate.count),
+            )
+            admitted, remaining, retry_ms, _ = await self._run(
+                "rate", [key], [now, rate.window_seconds * 1000, rate.count, "-", "dry"]
+            )
+            left = remaining + 1 if admitted else 0
+            detail = f"{left} of {rate.count} left per {rate.window_seconds}s"
+            if not admitted:
+                detail += f"; retry in {_retry_seconds(retry_ms)}s"
+            verdicts.append((f"rate {rate.limit} per {rate.per}", bool(admitted), detail))
+        gap = limits.min_interval
+        if gap is not None:
+            key = self._key(org, "gap", self._subject(gap.per, user), _clean(token_type))
+            admitted, retry_ms = await self._run(
+                "min_interval", [key], [now, int(gap.seconds * 1000), "dry"]
+            )
+            detail = "free" if admitted else f"retry in {_retry_seconds(retry_ms)}s"
+            verdicts.append(
+                (f"min_interval {gap.seconds:g}s per {gap.per}", bool(admitted), detail)
+            )
+        cap = limits.concurrency
+        if cap is not None:
+            key = self._key(org, "inflight", self._subject(cap.per, user))
+            admitted, in_flight, _ = await self._run(
+                "concurrency", [key], [now, cap.max, "-", 0, "dry"]
+            )
+            verdicts.append(
+                (f"concurrency {cap.max} per {cap.per}", bool(admitted), f"{in_flight} in flight")
+            )
+        return verdicts
+
     async def release(self, admission: Admission) -> None:
         """Give back concurrency slots. Never raises: an unreleased lease expires."""
         for key, lease in admission.leases:

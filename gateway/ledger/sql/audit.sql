@@ -60,6 +60,8 @@ WHERE CASE j.kind
                        OR j.purchased_delta < 0
                        OR j.allowance_delta + j.purchased_delta > -j.reserved_delta
                        OR j.reservation_id IS NULL
+    -- shadow rows record a would-be charge and move nothing
+    WHEN 'shadow' THEN j.allowance_delta <> 0 OR j.purchased_delta <> 0 OR j.reserved_delta <> 0
     -- lapse destroys allowance only
     WHEN 'lapse' THEN j.allowance_delta >= 0 OR j.purchased_delta <> 0 OR j.reserved_delta <> 0
     -- grant, refresh, purchase and adjust never touch what is reserved

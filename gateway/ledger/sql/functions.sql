@@ -263,24 +263,29 @@ $$;
 
 -- Expire held reservations past their expires_at (their gateway died mid-request).
 -- Any number of gateways may run this at once: SKIP LOCKED hands each row to one of them.
-CREATE OR REPLACE FUNCTION gw_expire_overdue(p_now timestamptz, p_limit int)
-RETURNS int LANGUAGE plpgsql AS $$
+-- Returns one row per token type: how many reservations and tokens were expired.
+DROP FUNCTION IF EXISTS gw_expire_overdue(timestamptz, int);
+CREATE FUNCTION gw_expire_overdue(p_now timestamptz, p_limit int)
+RETURNS TABLE (token_type text, reservations int, tokens bigint) LANGUAGE plpgsql AS $$
 DECLARE
-    v_id uuid;
-    v_count int := 0;
+    v_row record;
+    v_types text[] := '{}';
+    v_amounts bigint[] := '{}';
 BEGIN
-    FOR v_id IN
-        SELECT r.id FROM reservations r
+    FOR v_row IN
+        SELECT r.id, r.token_type, r.amount FROM reservations r
             WHERE r.state = 'held' AND r.expires_at <= p_now
             ORDER BY r.org_id, r.token_type
             LIMIT p_limit
             FOR UPDATE SKIP LOCKED
     LOOP
-        PERFORM gw_settle(v_id, 'expire', 0, p_now, 'sweeper',
+        PERFORM gw_settle(v_row.id, 'expire', 0, p_now, 'sweeper',
                           'held past its expiry: the request was never settled');
-        v_count := v_count + 1;
+        v_types := v_types || v_row.token_type;
+        v_amounts := v_amounts || v_row.amount;
     END LOOP;
-    RETURN v_count;
+    RETURN QUERY SELECT u.t, count(*)::int, sum(u.a)::bigint
+        FROM unnest(v_types, v_amounts) AS u(t, a) GROUP BY u.t;
 END
 $$;
 
@@ -420,5 +425,52 @@ BEGIN
     LOOP
         RETURN NEXT gw_touch_account(p_org, v_tt, p_now);
     END LOOP;
+END
+$$;
+
+-- Shadow mode: what would reserving p_amount answer now, and a journal row that records
+-- the would-be charge (p_charged: the cost when the upstream answered 2xx, else 0) while
+-- moving nothing. status: ok | unknown_organization | plan_forbidden | insufficient
+-- With p_journal false nothing is written: `gateway rules explain` asks this way.
+CREATE OR REPLACE FUNCTION gw_shadow(
+    p_org text, p_token_type text, p_amount bigint, p_charged bigint, p_plans text[],
+    p_route text, p_user text, p_request_id text, p_now timestamptz, p_journal boolean
+) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_plan text;
+    v_status text := 'ok';
+    v_acct accounts;
+    v_entitled boolean;
+BEGIN
+    SELECT o.plan INTO v_plan FROM organizations o WHERE o.id = p_org;
+    IF NOT FOUND THEN
+        RETURN 'unknown_organization';
+    END IF;
+    SELECT EXISTS (SELECT 1 FROM plan_allowances pa
+                   WHERE pa.plan = v_plan AND pa.token_type = p_token_type AND pa.amount > 0)
+        INTO v_entitled;
+    SELECT * INTO v_acct FROM accounts a WHERE a.org_id = p_org AND a.token_type = p_token_type;
+    IF (p_plans IS NOT NULL AND NOT (v_plan = ANY (p_plans)))
+            OR (NOT v_entitled AND NOT EXISTS (
+                SELECT 1 FROM journal j WHERE j.org_id = p_org
+                    AND j.token_type = p_token_type AND j.purchased_delta > 0)) THEN
+        v_status := 'plan_forbidden';
+    ELSIF NOT FOUND OR v_acct.allowance + v_acct.purchased < p_amount THEN
+        -- An account not created yet would be: the plan's allowance is checked lazily.
+        IF NOT FOUND AND v_entitled AND (SELECT pa.amount FROM plan_allowances pa
+                WHERE pa.plan = v_plan AND pa.token_type = p_token_type) >= p_amount THEN
+            v_status := 'ok';
+        ELSE
+            v_status := 'insufficient';
+        END IF;
+    END IF;
+    IF NOT p_journal THEN
+        RETURN v_status;
+    END IF;
+    INSERT INTO journal (at, org_id, token_type, kind, shadow_amount, route, user_id, actor,
+            reason, request_id)
+        VALUES (p_now, p_org, p_token_type, 'shadow', p_charged, p_route, p_user, p_user,
+            'shadow: the reserve would answer ' || v_status, p_request_id);
+    RETURN v_status;
 END
 $$;

@@ -5,13 +5,17 @@
 -- ARGV[2]  the cap
 -- ARGV[3]  the lease id to take
 -- ARGV[4]  lease length, in milliseconds
+-- ARGV[5]  "dry": only tell whether a slot is free; take nothing
 -- Returns {admitted (1|0), in_flight_after, retry_after_ms}: retry_after_ms is when the
 -- earliest lease ends if nothing is released before.
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local cap = tonumber(ARGV[2])
+local count = redis.call('ZCOUNT', key, '(' .. now, '+inf')
+if ARGV[5] == 'dry' then
+  return {count < cap and 1 or 0, count, 0}
+end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-local count = redis.call('ZCARD', key)
 if count < cap then
   local expiry = now + tonumber(ARGV[4])
   redis.call('ZADD', key, expiry, ARGV[3])
