@@ -199,8 +199,7 @@ async def _readyz(request: web.Request) -> web.Response:
         checks["redis"] = "ok"
     except (GatewayError, TimeoutError) as exc:
         checks["redis"] = f"unreachable: {exc}"
-        # With on_store_error: open, requests are still metered without Redis.
-        ready = ready and state.rules.document.limits.on_store_error == "open"
+        ready = False
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 

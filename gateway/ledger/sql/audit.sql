@@ -30,9 +30,10 @@ SELECT 'journal_balance_mismatch',
               coalesce(a.org_id, s.org_id), coalesce(a.token_type, s.token_type),
               a.allowance, a.purchased, a.reserved, s.allowance, s.purchased, s.reserved)
 FROM accounts a FULL JOIN sums s USING (org_id, token_type)
-WHERE a.allowance IS DISTINCT FROM coalesce(s.allowance, 0)
-   OR a.purchased IS DISTINCT FROM coalesce(s.purchased, 0)
-   OR a.reserved IS DISTINCT FROM coalesce(s.reserved, 0)
+WHERE (a.org_id IS NULL AND (s.allowance <> 0 OR s.purchased <> 0 OR s.reserved <> 0))
+   OR (a.org_id IS NOT NULL AND (a.allowance <> coalesce(s.allowance, 0)
+                                 OR a.purchased <> coalesce(s.purchased, 0)
+                                 OR a.reserved <> coalesce(s.reserved, 0)))
 UNION ALL
 SELECT 'reserved_mismatch',
        format('account %s/%s: reserved %s but held reservations sum to %s',
