@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.api.usage import Thresholds
+from gateway.api.usage import add_routes as add_usage_routes
 from gateway.auth import Authenticator
 from gateway.errors import ConfigError, GatewayError, LedgerUnavailable
 from gateway.explain import explain
@@ -60,6 +62,7 @@ def build_app(
         session=session,
         limiter=limiter,
         metrics=Metrics(),
+        thresholds=Thresholds(ledger, session, env),
     )
     app[ENVIRON] = env
     app.cleanup_ctx.append(_clients)
@@ -73,6 +76,7 @@ def build_app(
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/admin/rules", _admin_rules)
     app.router.add_get("/v1/admin/explain", _admin_explain)
+    add_usage_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -282,6 +286,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     for task in list(state.retiring):
         task.cancel()
     await state.active.alerter.close()
+    await state.thresholds.close()
     await state.session.close()
     await state.active.auth.close()
 

@@ -8,7 +8,11 @@ and an HTTP status (RFC 9457 problem details)::
     ├── InsufficientTokens      402 insufficient_tokens
     ├── PlanForbidden           403 plan_forbidden
     ├── UnknownOrganization     403 unknown_organization
+    ├── InvalidRequest          400 invalid_request
     ├── NoRoute                 404 no_route
+    ├── NoReservation           404 no_reservation
+    ├── ReservationSettled      409 reservation_settled
+    ├── InvalidCharge           422 invalid_charge
     ├── RateLimited             429 rate_limited
     ├── TooFrequent             429 too_frequent
     ├── TooManyInFlight         429 too_many_in_flight
@@ -106,6 +110,30 @@ class UnknownOrganization(GatewayError):
     status = 403
     code = "unknown_organization"
     title = "Unknown organization"
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+    title = "Invalid request"
+
+
+class NoReservation(GatewayError):
+    status = 404
+    code = "no_reservation"
+    title = "No such reservation"
+
+
+class ReservationSettled(GatewayError):
+    status = 409
+    code = "reservation_settled"
+    title = "Reservation already settled"
+
+
+class InvalidCharge(GatewayError):
+    status = 422
+    code = "invalid_charge"
+    title = "Invalid charge"
 
 
 class NoRoute(GatewayError):

@@ -32,7 +32,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.ledger import Ledger, ReserveOutcome
+from gateway.ledger import Ledger, ReserveOutcome, Settlement
 from gateway.limits.limiter import Admission
 from gateway.proxy import Caller, client_response_headers, map_client_error, open_upstream
 from gateway.rules import Route, Rules
@@ -83,36 +83,50 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 caller.org, caller.user, route.token_type, limits, route.upstream.timeout_seconds
             )
         with metrics.ledger_seconds.labels("reserve").time():
-            outcome = await _reserve(state.ledger, rules, route, caller)
+            outcome = await reserve(state.ledger, rules, route, caller)
     except GatewayError as exc:
         await limiter.release(admission)
-        log.info(
-            "refused %s %s status=%d code=%s request_id=%s: %s",
-            request.method,
-            request.path,
-            exc.status,
-            exc.code,
-            request_id,
-            exc.detail,
-            extra={"request_id": request_id, "status": exc.status, "code": exc.code},
-        )
-        metrics.refusals.labels(exc.code).inc()
-        metrics.requests.labels(route.name if route else "", "refused", str(exc.status)).inc()
-        if exc.code == "ledger_unavailable":
-            metrics.store_errors.labels("ledger").inc()
-        elif exc.code == "limits_unavailable":
-            metrics.store_errors.labels("redis").inc()
-        if exc.status in _COUNTED_REFUSALS and exc.code != "blocked":
-            await limiter.record_refusal(
-                caller.org if caller else None, caller.user if caller else None, address
-            )
-        return exc.response(
-            instance=request.path, headers={"X-Request-Id": request_id, **admission.headers}
-        )
+        return await refuse(request, state, exc, caller, route, request_id, admission.headers)
 
     metrics.tokens.labels(route.token_type, "reserved").inc(route.cost)
     exchange = Exchange(request, route, caller, state.ledger, started, admission, outcome)
     return await _run_shielded(state, exchange)
+
+
+async def refuse(
+    request: web.Request,
+    state: GatewayState,
+    exc: GatewayError,
+    caller: Caller | None,
+    route: Route | None,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Log, count and answer a refusal; refusals that suggest abuse count toward a block."""
+    metrics = state.metrics
+    log.info(
+        "refused %s %s status=%d code=%s request_id=%s: %s",
+        request.method,
+        request.path,
+        exc.status,
+        exc.code,
+        request_id,
+        exc.detail,
+        extra={"request_id": request_id, "status": exc.status, "code": exc.code},
+    )
+    metrics.refusals.labels(exc.code).inc()
+    metrics.requests.labels(route.name if route else "", "refused", str(exc.status)).inc()
+    if exc.code == "ledger_unavailable":
+        metrics.store_errors.labels("ledger").inc()
+    elif exc.code == "limits_unavailable":
+        metrics.store_errors.labels("redis").inc()
+    if exc.status in _COUNTED_REFUSALS and exc.code != "blocked":
+        await state.limiter.record_refusal(
+            caller.org if caller else None, caller.user if caller else None, request.remote
+        )
+    return exc.response(
+        instance=request.path, headers={"X-Request-Id": request_id, **(headers or {})}
+    )
 
 
 async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamResponse:
@@ -160,19 +174,32 @@ def _limit_code(limit: str) -> str:
     }.get(kind, kind)
 
 
-async def _reserve(ledger: Ledger, rules: Rules, route: Route, caller: Caller) -> ReserveOutcome:
+async def reserve(
+    ledger: Ledger,
+    rules: Rules,
+    route: Route,
+    caller: Caller,
+    *,
+    ttl_seconds: float | None = None,
+    idempotency_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> ReserveOutcome:
+    """Hold the route's cost for the caller; refusals raise the contract's errors."""
     doc = rules.document
     outcome = await ledger.reserve(
         caller.org,
         route.token_type,
         route.cost,
-        ttl_seconds=route.upstream.timeout_seconds + doc.ledger.reservation_grace_seconds,
+        ttl_seconds=ttl_seconds
+        or route.upstream.timeout_seconds + doc.ledger.reservation_grace_seconds,
         plans=route.config.plans,
         route=route.name,
         user=caller.user,
         request_id=caller.request_id,
+        idempotency_key=idempotency_key,
+        metadata=metadata,
     )
-    if outcome.status == "ok":
+    if outcome.status in ("ok", "duplicate"):
         return outcome
     if outcome.status == "unknown_organization":
         raise UnknownOrganization(
@@ -224,6 +251,8 @@ class Exchange:
     client_gone: bool = False
     charged: int = 0
     settled_as: str = "refunded"
+    settlement: Settlement | None = None
+    warning: str | None = None  # low balance, for the X-Tokens-Warning header
 
     @property
     def shadow(self) -> bool:
@@ -233,17 +262,24 @@ class Exchange:
         if self.outcome is None:
             return {"X-Tokens-Charged": "0", "X-Request-Id": self.caller.request_id}
         cost = self.route.cost
-        return {
+        headers = {
             "X-Tokens-Charged": str(cost if charged else 0),
             "X-Tokens-Remaining": str(self.outcome.remaining + (0 if charged else cost)),
             "X-Reservation-Id": str(self.outcome.reservation_id),
             "X-Request-Id": self.caller.request_id,
             **self.admission.headers,
         }
+        if charged and self.warning:
+            headers["X-Tokens-Warning"] = self.warning
+        return headers
 
     async def run(self, state: GatewayState) -> web.StreamResponse:
         metrics = state.metrics
         metrics.in_flight.inc()
+        if self.outcome is not None:
+            self.warning = state.thresholds.warning(
+                state.rules.document.alerts, self.route.token_type, self.outcome
+            )
         status = 0
         try:
             response = await self._run(state)
@@ -255,6 +291,13 @@ class Exchange:
             metrics.requests.labels(self.route.name, outcome, str(status or "")).inc()
             metrics.request_seconds.labels(self.route.name).observe(time.monotonic() - self.started)
             await state.limiter.release(self.admission)
+            if self.settlement is not None:
+                try:
+                    await state.thresholds.after_commit(
+                        state.rules.document.alerts, self.settlement
+                    )
+                except GatewayError as exc:
+                    log.warning("could not check usage thresholds: %s", exc.detail)
             if self.charged:
                 alert = await state.limiter.record_spend(self.caller.org, self.charged)
                 if alert is not None:
@@ -355,6 +398,7 @@ class Exchange:
                     if ok:
                         settled = await self.ledger.commit(reservation_id, actor=self.caller.user)
                         self.charged, self.settled_as = settled.charged, "committed"
+                        self.settlement = settled
                         metrics.tokens.labels(token_type, "committed").inc(settled.charged)
                     else:
                         await self.ledger.refund(reservation_id, reason=reason, actor="gateway")

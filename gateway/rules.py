@@ -184,6 +184,16 @@ class BillingConfig(_Strict):
     plan_prices: dict[str, str] = {}
 
 
+class AlertsConfig(_Strict):
+    """Usage thresholds: one event per threshold per token type per period, to the log and,
+    with ``webhook_url``, to an HMAC-signed webhook (retried, then dead-lettered)."""
+
+    thresholds: list[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]] = [0.8, 1.0]
+    webhook_url: str | None = None
+    webhook_secret_env: str = "GATEWAY_ALERT_SECRET"
+    retries: NonNegativeInt = 3
+
+
 class LedgerConfig(_Strict):
     """How long a reservation may stay held beyond its upstream's timeout before the
     sweeper refunds it, and how often each gateway runs the sweeper."""
@@ -203,6 +213,7 @@ class RulesDocument(_Strict):
     license: LicenseConfig = LicenseConfig()
     billing: BillingConfig = BillingConfig()
     ledger: LedgerConfig = LedgerConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @field_validator("version", mode="before")
     @classmethod

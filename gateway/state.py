@@ -14,6 +14,7 @@ from gateway.limits.config import Effective, effective
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
+    from gateway.api.usage import Thresholds
     from gateway.auth import Authenticator
     from gateway.ledger import Ledger
     from gateway.limits.alerts import Alerter
@@ -42,6 +43,7 @@ class GatewayState:
     session: aiohttp.ClientSession
     limiter: Limiter
     metrics: Metrics
+    thresholds: Thresholds
     inflight: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     last_reload: dict[str, Any] = field(default_factory=dict)
     retiring: set[asyncio.Task[None]] = field(default_factory=set)

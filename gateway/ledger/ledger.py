@@ -9,6 +9,7 @@ are part of the ledger's contract (already settled, over the held amount, ...) i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ class ReserveOutcome:
     purchased: int
     plan: str | None
     period_end: datetime | None
+    allocated: int
 
     @property
     def remaining(self) -> int:
@@ -65,6 +67,9 @@ class Settlement:
     allowance: int
     purchased: int
     token_type: str
+    org_id: str
+    allocated: int
+    period_start: datetime | None
 
     @property
     def remaining(self) -> int:
@@ -248,11 +253,12 @@ class Ledger:
         user: str | None = None,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ReserveOutcome:
         """Hold ``amount`` tokens (allowance first) until commit, refund or expiry after
         ``ttl_seconds``. Refusals come back as a status, never as an exception."""
         row = await self._fetchrow(
-            "SELECT * FROM gw_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "SELECT * FROM gw_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)",
             org,
             token_type,
             amount,
@@ -263,6 +269,7 @@ class Ledger:
             idempotency_key,
             ttl_seconds,
             self.clock(),
+            json.dumps(metadata) if metadata is not None else None,
         )
         return ReserveOutcome(**dict(row))
 
@@ -311,6 +318,9 @@ class Ledger:
             allowance=row["allowance"],
             purchased=row["purchased"],
             token_type=row["token_type"],
+            org_id=row["org_id"],
+            allocated=row["allocated"],
+            period_start=row["period_start"],
         )
 
     async def record_shadow(
@@ -446,6 +456,41 @@ class Ledger:
             "SELECT * FROM journal WHERE org_id = $1 ORDER BY id DESC LIMIT $2", org, limit
         )
         return [dict(r) for r in rows]
+
+    async def usage(self, org: str, *, since: datetime, burn_since: datetime) -> dict[str, Any]:
+        """Committed use since ``since`` per token type, feature (route), user and day, and
+        per token type since ``burn_since``; one indexed query."""
+        raw = await self._fetchval(
+            "SELECT gw_usage($1, $2, $3, $4)", org, since, burn_since, self.clock()
+        )
+        data: dict[str, Any] = json.loads(raw)
+        return data
+
+    async def threshold_crossed(
+        self, org: str, token_type: str, period_start: datetime, threshold: float
+    ) -> bool:
+        """True the first time ``org`` is recorded past ``threshold`` in this period."""
+        return bool(
+            await self._fetchval(
+                "SELECT gw_threshold_crossed($1, $2, $3, $4, $5)",
+                org,
+                token_type,
+                period_start,
+                threshold,
+                self.clock(),
+            )
+        )
+
+    async def dead_letter(self, url: str, body: dict[str, Any], attempts: int, error: str) -> None:
+        await self._fetch(
+            "INSERT INTO webhook_dead_letters (at, url, body, attempts, error)"
+            " VALUES ($1, $2, $3::jsonb, $4, $5)",
+            self.clock(),
+            url,
+            json.dumps(body),
+            attempts,
+            error,
+        )
 
     async def audit(self) -> list[Violation]:
         """Check every invariant of the ledger; an empty list means it adds up."""

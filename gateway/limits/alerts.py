@@ -1,43 +1,21 @@
-"""Spike alerts: a structured log event and, when configured, a signed webhook POST.
-
-The webhook body is JSON; the ``X-Gateway-Signature`` header is ``t=<unix seconds>,
-v1=<hex HMAC-SHA256 of "<t>.<body>" with the secret>``, so a receiver can check both the
-sender and the freshness (reject a ``t`` older than a few minutes).
-"""
+"""Spike alerts: a structured log event and, when configured, a signed webhook POST
+(see ``gateway.webhooks`` for the signature)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
-import time
 from collections.abc import Mapping
 
 import aiohttp
 
 from gateway.limits.config import Spike
 from gateway.limits.limiter import SpikeAlert
+from gateway.webhooks import deliver, sign, verify
+
+__all__ = ["Alerter", "sign", "verify"]
 
 log = logging.getLogger("gateway.alerts")
-
-
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
-
-
-def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300) -> bool:
-    """Check a signature header as a webhook receiver would."""
-    try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        timestamp = int(fields["t"])
-    except (KeyError, ValueError):
-        return False
-    if abs(time.time() - timestamp) > tolerance:
-        return False
-    return hmac.compare_digest(sign(secret, body, timestamp), header)
 
 
 class Alerter:
@@ -69,35 +47,16 @@ class Alerter:
 
     async def _post(self, alert: SpikeAlert) -> None:
         assert self._config is not None and self._config.webhook_url
-        body = json.dumps(
-            {
-                "type": "spend_spike",
-                "organization": alert.org,
-                "recent_tokens": alert.recent,
-                "baseline_tokens_per_window": alert.baseline,
-                "window_minutes": alert.window_minutes,
-                "blocked": alert.blocked,
-            }
-        ).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._secret:
-            headers["X-Gateway-Signature"] = sign(self._secret, body, int(time.time()))
-        for attempt in range(3):
-            try:
-                async with self._session.post(
-                    self._config.webhook_url,
-                    data=body,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=5),
-                ) as resp:
-                    if resp.status < 300:
-                        self.sent += 1
-                        return
-                    log.warning("spike webhook answered %d", resp.status)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("spike webhook failed: %s", exc)
-            await asyncio.sleep(0.5 * 2**attempt)
-        log.error("spike alert for '%s' could not be delivered", alert.org)
+        payload = {
+            "type": "spend_spike",
+            "organization": alert.org,
+            "recent_tokens": alert.recent,
+            "baseline_tokens_per_window": alert.baseline,
+            "window_minutes": alert.window_minutes,
+            "blocked": alert.blocked,
+        }
+        if await deliver(self._session, self._config.webhook_url, payload, secret=self._secret):
+            self.sent += 1
 
     async def close(self) -> None:
         if self._tasks:

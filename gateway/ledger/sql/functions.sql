@@ -102,10 +102,10 @@ $$;
 CREATE OR REPLACE FUNCTION gw_reserve(
     p_org text, p_token_type text, p_amount bigint, p_plans text[], p_route text,
     p_user text, p_request_id text, p_idempotency_key text, p_ttl_seconds double precision,
-    p_now timestamptz
+    p_now timestamptz, p_metadata jsonb
 ) RETURNS TABLE (
     status text, reservation_id uuid, from_allowance bigint, from_purchased bigint,
-    allowance bigint, purchased bigint, plan text, period_end timestamptz
+    allowance bigint, purchased bigint, plan text, period_end timestamptz, allocated bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_plan text;
@@ -121,7 +121,7 @@ BEGIN
     SELECT o.plan INTO v_plan FROM organizations o WHERE o.id = p_org;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'unknown_organization', NULL::uuid, 0::bigint, 0::bigint,
-            0::bigint, 0::bigint, NULL::text, NULL::timestamptz;
+            0::bigint, 0::bigint, NULL::text, NULL::timestamptz, 0::bigint;
         RETURN;
     END IF;
 
@@ -133,7 +133,7 @@ BEGIN
                 WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
             RETURN QUERY SELECT 'duplicate', v_res.id, v_res.from_allowance,
                 v_res.from_purchased, v_acct.allowance, v_acct.purchased, v_plan,
-                v_acct.period_end;
+                v_acct.period_end, v_acct.allocated;
             RETURN;
         END IF;
     END IF;
@@ -157,7 +157,7 @@ BEGIN
                                  AND j.purchased_delta > 0) THEN
             RETURN QUERY SELECT 'plan_forbidden', NULL::uuid, 0::bigint, 0::bigint,
                 coalesce(v_acct.allowance, 0), coalesce(v_acct.purchased, 0), v_plan,
-                v_acct.period_end;
+                v_acct.period_end, coalesce(v_acct.allocated, 0);
             RETURN;
         END IF;
     END IF;
@@ -165,16 +165,17 @@ BEGIN
     v_acct := gw_touch_account(p_org, p_token_type, p_now);
     IF v_acct.allowance + v_acct.purchased < p_amount THEN
         RETURN QUERY SELECT 'insufficient', NULL::uuid, 0::bigint, 0::bigint,
-            v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end;
+            v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated;
         RETURN;
     END IF;
 
     v_take_a := least(v_acct.allowance, p_amount);
     INSERT INTO reservations (org_id, token_type, amount, from_allowance, from_purchased,
-            period_start, route, user_id, request_id, idempotency_key, created_at, expires_at)
+            period_start, route, user_id, request_id, idempotency_key, created_at, expires_at,
+            metadata)
         VALUES (p_org, p_token_type, p_amount, v_take_a, p_amount - v_take_a,
             v_acct.period_start, p_route, p_user, p_request_id, p_idempotency_key, p_now,
-            p_now + make_interval(secs => p_ttl_seconds))
+            p_now + make_interval(secs => p_ttl_seconds), p_metadata)
         RETURNING * INTO v_res;
     UPDATE accounts a SET allowance = a.allowance - v_take_a,
             purchased = a.purchased - (p_amount - v_take_a),
@@ -186,7 +187,7 @@ BEGIN
         VALUES (p_now, p_org, p_token_type, 'reserve', -v_take_a, -(p_amount - v_take_a),
             p_amount, v_res.id, p_route, p_user, p_user, p_request_id);
     RETURN QUERY SELECT 'ok', v_res.id, v_take_a, p_amount - v_take_a, v_acct.allowance,
-        v_acct.purchased, v_plan, v_acct.period_end;
+        v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated;
 END
 $$;
 
@@ -199,7 +200,8 @@ CREATE OR REPLACE FUNCTION gw_settle(
     p_id uuid, p_outcome text, p_charged bigint, p_now timestamptz, p_actor text,
     p_reason text
 ) RETURNS TABLE (status text, charged bigint, allowance bigint, purchased bigint,
-                 token_type text) LANGUAGE plpgsql AS $$
+                 token_type text, org_id text, allocated bigint, period_start timestamptz)
+LANGUAGE plpgsql AS $$
 DECLARE
     v_res reservations;
     v_acct accounts;
@@ -211,19 +213,22 @@ DECLARE
 BEGIN
     SELECT * INTO v_res FROM reservations r WHERE r.id = p_id FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'not_found', 0::bigint, 0::bigint, 0::bigint, NULL::text;
+        RETURN QUERY SELECT 'not_found', 0::bigint, 0::bigint, 0::bigint, NULL::text,
+            NULL::text, 0::bigint, NULL::timestamptz;
         RETURN;
     END IF;
     IF v_res.state <> 'held' THEN
         SELECT * INTO v_acct FROM accounts a
             WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
         RETURN QUERY SELECT 'already_' || v_res.state, coalesce(v_res.charged, 0),
-            v_acct.allowance, v_acct.purchased, v_res.token_type;
+            v_acct.allowance, v_acct.purchased, v_res.token_type, v_res.org_id,
+            v_acct.allocated, v_acct.period_start;
         RETURN;
     END IF;
     v_charged := CASE WHEN p_outcome = 'commit' THEN coalesce(p_charged, v_res.amount) ELSE 0 END;
     IF v_charged < 0 OR v_charged > v_res.amount THEN
-        RETURN QUERY SELECT 'exceeds_amount', v_charged, 0::bigint, 0::bigint, v_res.token_type;
+        RETURN QUERY SELECT 'exceeds_amount', v_charged, 0::bigint, 0::bigint, v_res.token_type,
+            v_res.org_id, 0::bigint, NULL::timestamptz;
         RETURN;
     END IF;
 
@@ -257,15 +262,15 @@ BEGIN
             VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_lapse, p_id, 'ledger',
                 'released allowance of the period that started ' || v_res.period_start);
     END IF;
-    RETURN QUERY SELECT 'ok', v_charged, v_acct.allowance, v_acct.purchased, v_res.token_type;
+    RETURN QUERY SELECT 'ok', v_charged, v_acct.allowance, v_acct.purchased, v_res.token_type,
+        v_res.org_id, v_acct.allocated, v_acct.period_start;
 END
 $$;
 
 -- Expire held reservations past their expires_at (their gateway died mid-request).
 -- Any number of gateways may run this at once: SKIP LOCKED hands each row to one of them.
 -- Returns one row per token type: how many reservations and tokens were expired.
-DROP FUNCTION IF EXISTS gw_expire_overdue(timestamptz, int);
-CREATE FUNCTION gw_expire_overdue(p_now timestamptz, p_limit int)
+CREATE OR REPLACE FUNCTION gw_expire_overdue(p_now timestamptz, p_limit int)
 RETURNS TABLE (token_type text, reservations int, tokens bigint) LANGUAGE plpgsql AS $$
 DECLARE
     v_row record;
@@ -473,4 +478,56 @@ BEGIN
             'shadow: the reserve would answer ' || v_status, p_request_id);
     RETURN v_status;
 END
+$$;
+
+-- An organization's usage since p_since (the period) and since p_burn_since (the burn
+-- window), from commit rows only, through journal_commits_by_org_time: the cost grows with
+-- this organization's commits in the window, not with the journal.
+CREATE OR REPLACE FUNCTION gw_usage(p_org text, p_since timestamptz, p_burn_since timestamptz,
+                                    p_now timestamptz)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    WITH commits AS (
+        SELECT j.token_type, j.route, j.user_id, j.at,
+               -(j.reserved_delta + j.allowance_delta + j.purchased_delta) AS charged
+        FROM journal j
+        WHERE j.org_id = p_org AND j.kind = 'commit'
+          AND j.at >= least(p_since, p_burn_since) AND j.at <= p_now
+    ), period AS (
+        SELECT * FROM commits WHERE at >= p_since
+    )
+    SELECT jsonb_build_object(
+        'used', (SELECT coalesce(jsonb_object_agg(token_type, tokens), '{}'::jsonb)
+                 FROM (SELECT token_type, sum(charged) AS tokens FROM period GROUP BY 1) t),
+        'burn', (SELECT coalesce(jsonb_object_agg(token_type, tokens), '{}'::jsonb)
+                 FROM (SELECT token_type, sum(charged) AS tokens FROM commits
+                       WHERE at >= p_burn_since GROUP BY 1) t),
+        'features', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                         'route', route, 'token_type', token_type, 'tokens', tokens,
+                         'requests', requests) ORDER BY tokens DESC, route), '[]'::jsonb)
+                     FROM (SELECT route, token_type, sum(charged) AS tokens, count(*) AS requests
+                           FROM period GROUP BY 1, 2) t),
+        'users', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                      'user', user_id, 'tokens', tokens, 'requests', requests)
+                      ORDER BY tokens DESC, user_id), '[]'::jsonb)
+                  FROM (SELECT user_id, sum(charged) AS tokens, count(*) AS requests
+                        FROM period GROUP BY 1) t),
+        'daily', (SELECT coalesce(jsonb_agg(jsonb_build_object('date', day, 'tokens', tokens)
+                      ORDER BY day), '[]'::jsonb)
+                  FROM (SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,
+                               sum(charged) AS tokens
+                        FROM period GROUP BY 1) t)
+    )
+$$;
+
+-- Record that an organization crossed a threshold of a token type's allowance in a
+-- period; true only the first time, so each threshold is announced once per period.
+CREATE OR REPLACE FUNCTION gw_threshold_crossed(p_org text, p_token_type text,
+        p_period_start timestamptz, p_threshold numeric, p_now timestamptz)
+RETURNS boolean LANGUAGE sql AS $$
+    WITH inserted AS (
+        INSERT INTO threshold_events (org_id, token_type, period_start, threshold, at)
+            VALUES (p_org, p_token_type, p_period_start, p_threshold, p_now)
+            ON CONFLICT DO NOTHING RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM inserted)
 $$;
