@@ -5,9 +5,11 @@ Every test that uses the ledger has its invariants audited afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -110,17 +112,74 @@ async def schema(database_url: str) -> AsyncIterator[str]:
 LIMITS_MARKER = "# Most tests exercise metering, not limits"
 
 
-def load_test_rules(
-    upstream_url: str, dead_url: str | None = None, limits: str | None = None
-) -> Rules:
-    """The test rules; ``limits`` replaces their ``limits:`` section (YAML text)."""
+def rules_yaml(upstream_url: str, *, limits: str | None = None, extra_routes: str = "") -> str:
+    """The test rules as YAML: ``limits`` replaces their ``limits:`` section and
+    ``extra_routes`` (YAML list items) go first in ``routes``."""
     raw = (HERE / "rules_test.yaml").read_text()
     if limits is not None:
         raw = raw[: raw.index(LIMITS_MARKER)] + limits
-    raw = raw.replace("${TEST_UPSTREAM_URL}", upstream_url).replace(
-        "${TEST_DEAD_URL}", dead_url or f"http://127.0.0.1:{free_port()}"
+    if extra_routes:
+        raw = raw.replace("routes:\n", "routes:\n" + extra_routes, 1)
+    return raw.replace("${TEST_UPSTREAM_URL}", upstream_url).replace(
+        "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
     )
-    return parse_rules(raw.encode(), "tests/rules_test.yaml")
+
+
+def load_test_rules(upstream_url: str, limits: str | None = None) -> Rules:
+    return parse_rules(rules_yaml(upstream_url, limits=limits).encode(), "tests/rules_test.yaml")
+
+
+def process_env(
+    database_url: str, redis_url: str, schema: str, rules_file: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of a ``gateway`` process using this test's schema and key prefix."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.update(
+        DATABASE_URL=database_url,
+        GATEWAY_DB_SCHEMA=schema,
+        REDIS_URL=redis_url,
+        GATEWAY_REDIS_PREFIX=f"{schema}:",
+        GATEWAY_RULES=str(rules_file),
+        GATEWAY_JWT_SECRET=SECRET,
+        GATEWAY_LOG_LEVEL="WARNING",
+    )
+    env.update(extra)
+    return env
+
+
+async def start_serve(
+    env: dict[str, str], port: int, *, stderr: int | None = None
+) -> asyncio.subprocess.Process:
+    """``gateway serve`` as one real process, returned once /healthz answers."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--workers",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env=env,
+        cwd=HERE.parent,
+        stderr=stderr,
+    )
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientConnectionError:
+                pass
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+    proc.kill()
+    await proc.wait()
+    raise AssertionError(f"gateway serve on port {port} did not become healthy")
 
 
 @pytest.fixture

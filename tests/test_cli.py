@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -20,7 +19,7 @@ from gateway.auth import Authenticator
 from gateway.cli import free_port
 from gateway.ledger import Ledger
 from gateway.rules import Rules
-from tests.conftest import SECRET, Clock, bearer
+from tests.conftest import SECRET, Clock, bearer, process_env, rules_yaml, start_serve
 from tests.upstream import Upstream
 
 REPO = Path(__file__).parent.parent
@@ -38,24 +37,10 @@ def cli_env(
     database_url: str, redis_url: str, schema: str, upstream: tuple[Upstream, str], tmp_path: Path
 ) -> dict[str, str]:
     rules_file = tmp_path / "rules.yaml"
-    text = (REPO / "tests" / "rules_test.yaml").read_text()
-    rules_file.write_text(
-        text.replace("${TEST_UPSTREAM_URL}", upstream[1]).replace(
-            "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
-        )
+    rules_file.write_text(rules_yaml(upstream[1]))
+    return process_env(
+        database_url, redis_url, schema, rules_file, GATEWAY_DATA_DIR=str(tmp_path / "data")
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        DATABASE_URL=database_url,
-        GATEWAY_DB_SCHEMA=schema,
-        REDIS_URL=redis_url,
-        GATEWAY_REDIS_PREFIX=f"{schema}:",
-        GATEWAY_RULES=str(rules_file),
-        GATEWAY_JWT_SECRET=SECRET,
-        GATEWAY_DATA_DIR=str(tmp_path / "data"),
-        GATEWAY_LOG_LEVEL="WARNING",
-    )
-    return env
 
 
 async def gateway(env: dict[str, str], *args: str) -> Result:
@@ -155,32 +140,11 @@ async def test_a_killed_gateways_reservation_expires_and_is_refunded(
 ) -> None:
     await ledger.create_org("acme", "pro")
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--workers",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        env=cli_env,
-        cwd=REPO,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await start_serve(cli_env, port, stderr=asyncio.subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     headers = bearer()
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"{base}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
             request = asyncio.create_task(
                 http.post(f"{base}/v1/chat/stream?behave=hang", json={}, headers=headers)
             )

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,7 +33,15 @@ from gateway.limits.config import (
 )
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
-from tests.conftest import ENVIRON, SECRET, Clock, bearer, load_test_rules
+from tests.conftest import (
+    ENVIRON,
+    Clock,
+    bearer,
+    load_test_rules,
+    process_env,
+    rules_yaml,
+    start_serve,
+)
 from tests.relay import Relay
 from tests.upstream import Upstream
 
@@ -397,53 +404,17 @@ async def test_three_gateways_share_one_limit_and_one_balance(
     await ledger.create_org("shared", "starter")
     await ledger.grant("shared", "general", 40, kind="purchase", reason="exactly 40 requests")
     rules_file = tmp_path / "rules.yaml"
-    text = (REPO / "tests" / "rules_test.yaml").read_text()
-    text = text[: text.index("# Most tests exercise")] + (
-        "limits:\n  default: {rate: {limit: 60/hour, per: organization}, min_interval: null}\n"
-        "  blocks: null\n"
-    )
     rules_file.write_text(
-        text.replace("${TEST_UPSTREAM_URL}", upstream[1]).replace(
-            "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
+        rules_yaml(
+            upstream[1],
+            limits="limits:\n  default: {rate: {limit: 60/hour, per: organization},"
+            " min_interval: null}\n  blocks: null\n",
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        DATABASE_URL=database_url,
-        GATEWAY_DB_SCHEMA=schema,
-        REDIS_URL=redis_url,
-        GATEWAY_REDIS_PREFIX=f"{schema}:",
-        GATEWAY_RULES=str(rules_file),
-        GATEWAY_JWT_SECRET=SECRET,
-        GATEWAY_LOG_LEVEL="WARNING",
-    )
+    env = process_env(database_url, redis_url, schema, rules_file)
     ports = [free_port() for _ in range(3)]
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "serve",
-            "--workers",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(p),
-            env=env,
-            cwd=REPO,
-        )
-        for p in ports
-    ]
+    procs = list(await asyncio.gather(*(start_serve(env, port) for port in ports)))
     try:
-        for port in ports:
-            for _ in range(150):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
         headers = bearer("shared", "u")
 
         async def one(i: int) -> int:

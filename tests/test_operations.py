@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections import Counter
@@ -24,7 +23,15 @@ from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
 from gateway.state import STATE
-from tests.conftest import ENVIRON, SECRET, Clock, bearer, token
+from tests.conftest import (
+    ENVIRON,
+    Clock,
+    bearer,
+    process_env,
+    rules_yaml,
+    start_serve,
+    token,
+)
 from tests.relay import Relay
 from tests.upstream import Upstream
 
@@ -34,12 +41,7 @@ ADMIN = {"Authorization": "Bearer admin-secret-token"}
 
 
 def rules_text(upstream_url: str, extra_routes: str = "", broken: bool = False) -> str:
-    text = (REPO / "tests" / "rules_test.yaml").read_text()
-    text = text.replace("${TEST_UPSTREAM_URL}", upstream_url).replace(
-        "${TEST_DEAD_URL}", f"http://127.0.0.1:{free_port()}"
-    )
-    if extra_routes:
-        text = text.replace("routes:\n", "routes:\n" + extra_routes, 1)
+    text = rules_yaml(upstream_url, extra_routes=extra_routes)
     if broken:
         text = text.replace("cost: 5", "cost: -5").replace(
             "upstream: backend", "upstream: ghost", 1
@@ -354,16 +356,7 @@ async def test_cli_explain(
 ) -> None:
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(rules_text(upstream[1]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        DATABASE_URL=database_url,
-        GATEWAY_DB_SCHEMA=schema,
-        REDIS_URL=redis_url,
-        GATEWAY_REDIS_PREFIX=f"{schema}:",
-        GATEWAY_RULES=str(rules_file),
-        GATEWAY_JWT_SECRET=SECRET,
-        GATEWAY_LOG_LEVEL="WARNING",
-    )
+    env = process_env(database_url, redis_url, schema, rules_file)
     await ledger.create_org("acme", "pro")
     await ledger.create_org("freeloader", "starter")
 
@@ -415,41 +408,12 @@ async def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_held(
 ) -> None:
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(rules_text(upstream[1]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env.update(
-        DATABASE_URL=database_url,
-        GATEWAY_DB_SCHEMA=schema,
-        REDIS_URL=redis_url,
-        GATEWAY_REDIS_PREFIX=f"{schema}:",
-        GATEWAY_RULES=str(rules_file),
-        GATEWAY_JWT_SECRET=SECRET,
-    )
+    env = process_env(database_url, redis_url, schema, rules_file, GATEWAY_LOG_LEVEL="INFO")
     await ledger.create_org("acme", "pro")
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--workers",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        env=env,
-        cwd=REPO,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_serve(env, port, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(150):
-            try:
-                async with http.get(f"{base}/healthz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.1)
 
         async def slow() -> tuple[int, str]:
             async with http.post(
