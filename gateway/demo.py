@@ -98,6 +98,7 @@ async def run_demo(
             if not once:
                 _say("The gateway is running. Press Ctrl-C to stop.")
                 await wait_for_signal()
+                _say("Stopping: finishing requests, then the embedded servers...")
             await runner.cleanup()
     finally:
         await upstream.cleanup()
