@@ -488,20 +488,34 @@ async def _serve(
         loop.add_signal_handler(
             signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
         )
-        await wait_for_signal()
+        await wait_for_signal(orphan_check=reuse_port)
         log.info("shutting down: finishing in-flight requests")
         await runner.cleanup()
     return 0
 
 
-async def wait_for_signal() -> None:
+async def wait_for_signal(*, orphan_check: bool = False) -> None:
+    """Until SIGINT or SIGTERM; with ``orphan_check`` (a worker of ``serve --workers``),
+    also until the supervisor is gone, so that no worker outlives it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        # Polling: nothing signals a parent's death portably.
+        while os.getppid() == parent:  # noqa: ASYNC110
+            await asyncio.sleep(1)
+        log.error("the supervisor (pid %d) is gone; shutting down", parent)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_parent()) if orphan_check else None
     try:
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

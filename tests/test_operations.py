@@ -445,3 +445,81 @@ async def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_held(
     assert len(served) == 5 and all(e["route"] == "chat" for e in served)
     assert upstream[0].seen[0].headers["X-Request-Id"] == "term-1"
     assert Counter(e["level"] for e in lines)["error"] == 0
+
+
+async def test_workers_share_the_port_and_metrics_and_die_with_their_supervisor(
+    tmp_path: Path,
+    database_url: str,
+    redis_url: str,
+    schema: str,
+    ledger: Ledger,
+    upstream: tuple[Upstream, str],
+) -> None:
+    import psutil
+
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(rules_text(upstream[1]))
+    env = process_env(
+        database_url, redis_url, schema, rules_file, GATEWAY_DATA_DIR=str(tmp_path / "data")
+    )
+    await ledger.create_org("acme", "pro")
+    port = free_port()
+    supervisor = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--workers",
+        "2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env=env,
+        cwd=REPO,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                workers = psutil.Process(supervisor.pid).children()
+                try:
+                    async with http.get(f"{base}/readyz") as r:
+                        if r.status == 200 and len(workers) == 2:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.1)
+            assert len(workers) == 2
+            for _ in range(20):  # new connections spread over both workers
+                async with http.post(
+                    f"{base}/v1/chat/x", json=CHAT, headers={**bearer(), "Connection": "close"}
+                ) as r:
+                    assert r.status == 200
+            # Whichever worker answers, /metrics counts the requests of both (a request is
+            # counted just after its last byte is sent, hence the wait).
+            key = (
+                "gateway_requests_total",
+                (("outcome", "committed"), ("route", "chat"), ("status", "200")),
+            )
+            for _ in range(50):
+                async with http.get(f"{base}/metrics", headers={"Connection": "close"}) as r:
+                    metrics = parse_metrics(await r.text())
+                if metrics.get(key) == 20:
+                    break
+                await asyncio.sleep(0.05)
+        assert metrics[key] == 20
+        supervisor.kill()  # the supervisor dies without a word
+        await supervisor.wait()
+        gone = [asyncio.to_thread(w.wait, 10) for w in workers]
+        await asyncio.gather(*gone)
+        assert not any(w.is_running() for w in workers)
+    finally:
+        if supervisor.returncode is None:
+            supervisor.kill()
+            await supervisor.wait()
+        for w in psutil.Process().children(recursive=True):
+            if "gateway.cli" in " ".join(w.cmdline()):
+                w.kill()
+    general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
+    assert (general.available, general.reserved) == (80, 0)
