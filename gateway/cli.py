@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = org.add_parser("set-plan", help="move an organization to another plan now")
     p.add_argument("org")
     p.add_argument("plan")
+    p = org.add_parser(
+        "set-license",
+        help="set the license state: active, past_due (starts the grace period), "
+        "suspended or canceled",
+    )
+    p.add_argument("org")
+    p.add_argument("state", choices=("active", "past_due", "suspended", "canceled"))
 
     p = sub.add_parser("grant", help="add purchased (or allowance) tokens to an organization")
     p.add_argument("org")
@@ -328,6 +335,13 @@ async def _org(ledger: Ledger, args: argparse.Namespace) -> int:
     if args.org_command == "create":
         await ledger.create_org(args.org, args.plan)
         print(f"organization '{args.org}' created on plan '{args.plan}'")
+    elif args.org_command == "set-license":
+        changed = await ledger.set_license(args.org, args.state, actor="cli")
+        print(
+            f"organization '{args.org}' license is now {args.state}"
+            if changed
+            else f"organization '{args.org}' license was already {args.state}"
+        )
     else:
         changed = await ledger.set_plan(args.org, args.plan, actor="cli")
         print(

@@ -8,6 +8,8 @@ and an HTTP status (RFC 9457 problem details)::
     ├── InsufficientTokens      402 insufficient_tokens
     ├── PlanForbidden           403 plan_forbidden
     ├── UnknownOrganization     403 unknown_organization
+    ├── LicenseSuspended        403 license_suspended
+    ├── FeatureDegraded         403 feature_degraded
     ├── InvalidRequest          400 invalid_request
     ├── NoRoute                 404 no_route
     ├── NoReservation           404 no_reservation
@@ -134,6 +136,18 @@ class InvalidCharge(GatewayError):
     status = 422
     code = "invalid_charge"
     title = "Invalid charge"
+
+
+class LicenseSuspended(GatewayError):
+    status = 403
+    code = "license_suspended"
+    title = "License suspended"
+
+
+class FeatureDegraded(GatewayError):
+    status = 403
+    code = "feature_degraded"
+    title = "Feature switched off"
 
 
 class NoRoute(GatewayError):

@@ -22,10 +22,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway.errors import (
+    FeatureDegraded,
     GatewayError,
     InsufficientTokens,
     LedgerError,
     LedgerUnavailable,
+    LicenseSuspended,
     NoRoute,
     PlanForbidden,
     UnknownOrganization,
@@ -186,6 +188,10 @@ async def reserve(
 ) -> ReserveOutcome:
     """Hold the route's cost for the caller; refusals raise the contract's errors."""
     doc = rules.document
+    degrade_after = next(
+        (s.after_days for s in doc.license.degradation_order if route.token_type in s.token_types),
+        None,
+    )
     outcome = await ledger.reserve(
         caller.org,
         route.token_type,
@@ -198,9 +204,28 @@ async def reserve(
         request_id=caller.request_id,
         idempotency_key=idempotency_key,
         metadata=metadata,
+        grace_days=doc.license.grace_period_days,
+        degrade_after_days=degrade_after,
     )
     if outcome.status in ("ok", "duplicate"):
         return outcome
+    if outcome.status == "license_suspended":
+        when = outcome.license_date
+        raise LicenseSuspended(
+            f"the license of organization '{caller.org}' is suspended"
+            + (f" since {when:%Y-%m-%d} (the payment grace period ended)" if when else "")
+            + "; all AI features are off until the account is paid",
+            suspended_at=when.isoformat() if when else None,
+        )
+    if outcome.status == "feature_degraded":
+        when = outcome.license_date
+        assert when is not None
+        raise FeatureDegraded(
+            f"{route.token_type} has been switched off since {when:%Y-%m-%d} because a "
+            "payment failed; pay the open invoice to restore it at once",
+            token_type=route.token_type,
+            degraded_at=when.isoformat(),
+        )
     if outcome.status == "unknown_organization":
         raise UnknownOrganization(
             f"organization '{caller.org}' is not known to the gateway; an operator must "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections import Counter
@@ -17,7 +18,7 @@ from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
 from gateway.state import STATE
-from tests.conftest import ENVIRON, Clock, Gateway, bearer, token
+from tests.conftest import ENVIRON, Clock, Gateway, bearer, rules_yaml, token
 from tests.relay import Relay
 from tests.upstream import Upstream
 
@@ -422,3 +423,47 @@ async def test_ledger_lost_after_forwarding_leaves_a_reservation_the_sweeper_ref
         await client.close()
         await ledger.close()
         await relay.cut()
+
+
+async def test_license_grace_timeline(gateway: Gateway, clock: Clock) -> None:
+    """Past due on day 0: lead_generation off at once; forecast and strategy_analysis off
+    from day 7; everything off when the 14-day grace ends; payment restores everything."""
+    license_section = """
+license:
+  grace_period_days: 14
+  degradation_order:
+    - {after_days: 0, token_types: [lead_generation]}
+    - {after_days: 7, token_types: [forecast, strategy_analysis]}
+"""
+    from gateway.rules import parse_rules
+
+    text = rules_yaml(gateway.upstream_url) + license_section
+    gateway.app[STATE].active = dataclasses.replace(
+        gateway.app[STATE].active, rules=parse_rules(text.encode())
+    )
+    await gateway.ledger.set_license("acme", "past_due", actor="billing")
+
+    async def outcome(path: str) -> tuple[int, str]:
+        resp = await gateway.client.post(path, json={}, headers=bearer())
+        body = await resp.json()
+        return resp.status, body.get("code", "ok")
+
+    assert await outcome("/v1/leads/generate") == (403, "feature_degraded")
+    resp = await gateway.client.post("/v1/leads/generate", json={}, headers=bearer())
+    problem = await resp.json()
+    assert "pay the open invoice" in problem["detail"] and problem["degraded_at"]
+    assert await outcome("/v1/forecasts") == (200, "ok")
+    assert await outcome("/v1/chat/x") == (200, "ok")
+    clock.advance(days=7)
+    assert await outcome("/v1/forecasts") == (403, "feature_degraded")
+    assert await outcome("/v1/strategy/analyze") == (403, "feature_degraded")
+    assert await outcome("/v1/chat/x") == (200, "ok")
+    clock.advance(days=7)
+    assert await outcome("/v1/chat/x") == (403, "license_suspended")
+    assert await outcome("/v1/goals/1/generate") == (403, "license_suspended")
+    await gateway.ledger.set_license("acme", "active", actor="billing")  # paid
+    for path in ("/v1/leads/generate", "/v1/forecasts", "/v1/chat/x"):
+        assert await outcome(path) == (200, "ok")
+    await gateway.ledger.set_license("acme", "canceled", actor="billing")
+    assert await outcome("/v1/chat/x") == (403, "license_suspended")
+    assert len(gateway.upstream.seen) == 6  # nothing refused was forwarded

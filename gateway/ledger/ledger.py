@@ -25,7 +25,16 @@ from gateway.errors import LedgerError, LedgerUnavailable
 log = logging.getLogger("gateway.ledger")
 
 Clock = Callable[[], datetime]
-ReserveStatus = Literal["ok", "duplicate", "unknown_organization", "plan_forbidden", "insufficient"]
+ReserveStatus = Literal[
+    "ok",
+    "duplicate",
+    "unknown_organization",
+    "plan_forbidden",
+    "insufficient",
+    "license_suspended",
+    "feature_degraded",
+]
+LicenseState = Literal["active", "past_due", "suspended", "canceled"]
 
 # Errors that mean "the ledger cannot answer now", as opposed to a refusal.
 _UNAVAILABLE = (
@@ -55,6 +64,7 @@ class ReserveOutcome:
     plan: str | None
     period_end: datetime | None
     allocated: int
+    license_date: datetime | None  # when the license gate closed (or closes) this
 
     @property
     def remaining(self) -> int:
@@ -254,11 +264,14 @@ class Ledger:
         request_id: str | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        grace_days: int = 14,
+        degrade_after_days: int | None = None,
     ) -> ReserveOutcome:
         """Hold ``amount`` tokens (allowance first) until commit, refund or expiry after
         ``ttl_seconds``. Refusals come back as a status, never as an exception."""
         row = await self._fetchrow(
-            "SELECT * FROM gw_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb)",
+            "SELECT * FROM gw_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb,"
+            " $12, $13)",
             org,
             token_type,
             amount,
@@ -270,6 +283,8 @@ class Ledger:
             ttl_seconds,
             self.clock(),
             json.dumps(metadata) if metadata is not None else None,
+            grace_days,
+            degrade_after_days,
         )
         return ReserveOutcome(**dict(row))
 
@@ -392,6 +407,16 @@ class Ledger:
             raise LedgerError("unknown_organization", f"organization '{org}' does not exist")
         if status == "unknown_plan":
             raise LedgerError("unknown_plan", f"plan '{plan}' is not in rules.yaml")
+        return bool(status == "ok")
+
+    async def set_license(self, org: str, state: LicenseState, *, actor: str) -> bool:
+        """Set the organization's license state (past_due starts its grace period). Returns
+        False if it was already so. Raises ``LedgerError`` (``unknown_organization``)."""
+        status = await self._fetchval(
+            "SELECT gw_set_license($1, $2, $3, $4)", org, state, actor, self.clock()
+        )
+        if status == "not_found":
+            raise LedgerError("unknown_organization", f"organization '{org}' does not exist")
         return bool(status == "ok")
 
     async def grant(

@@ -102,12 +102,14 @@ $$;
 CREATE OR REPLACE FUNCTION gw_reserve(
     p_org text, p_token_type text, p_amount bigint, p_plans text[], p_route text,
     p_user text, p_request_id text, p_idempotency_key text, p_ttl_seconds double precision,
-    p_now timestamptz, p_metadata jsonb
+    p_now timestamptz, p_metadata jsonb, p_grace_days int, p_degrade_after_days int
 ) RETURNS TABLE (
     status text, reservation_id uuid, from_allowance bigint, from_purchased bigint,
-    allowance bigint, purchased bigint, plan text, period_end timestamptz, allocated bigint
+    allowance bigint, purchased bigint, plan text, period_end timestamptz, allocated bigint,
+    license_date timestamptz
 ) LANGUAGE plpgsql AS $$
 DECLARE
+    v_org organizations;
     v_plan text;
     v_entitled boolean;
     v_acct accounts;
@@ -118,10 +120,30 @@ BEGIN
         RAISE EXCEPTION 'reserve: amount must be positive, got %', p_amount
             USING ERRCODE = 'check_violation';
     END IF;
-    SELECT o.plan INTO v_plan FROM organizations o WHERE o.id = p_org;
+    SELECT * INTO v_org FROM organizations o WHERE o.id = p_org;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'unknown_organization', NULL::uuid, 0::bigint, 0::bigint,
-            0::bigint, 0::bigint, NULL::text, NULL::timestamptz, 0::bigint;
+            0::bigint, 0::bigint, NULL::text, NULL::timestamptz, 0::bigint,
+            NULL::timestamptz;
+        RETURN;
+    END IF;
+    v_plan := v_org.plan;
+    -- The license gate. Past due: the grace period ends all AI at past_due_since + grace;
+    -- before that, this token type is off from past_due_since + its degradation day.
+    IF v_org.license_state IN ('suspended', 'canceled')
+            OR (v_org.license_state = 'past_due'
+                AND p_now >= v_org.past_due_since + make_interval(days => p_grace_days)) THEN
+        RETURN QUERY SELECT 'license_suspended', NULL::uuid, 0::bigint, 0::bigint,
+            0::bigint, 0::bigint, v_plan, NULL::timestamptz, 0::bigint,
+            CASE WHEN v_org.license_state = 'past_due'
+                 THEN v_org.past_due_since + make_interval(days => p_grace_days) END;
+        RETURN;
+    END IF;
+    IF v_org.license_state = 'past_due' AND p_degrade_after_days IS NOT NULL
+            AND p_now >= v_org.past_due_since + make_interval(days => p_degrade_after_days) THEN
+        RETURN QUERY SELECT 'feature_degraded', NULL::uuid, 0::bigint, 0::bigint,
+            0::bigint, 0::bigint, v_plan, NULL::timestamptz, 0::bigint,
+            v_org.past_due_since + make_interval(days => p_degrade_after_days);
         RETURN;
     END IF;
 
@@ -133,7 +155,7 @@ BEGIN
                 WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
             RETURN QUERY SELECT 'duplicate', v_res.id, v_res.from_allowance,
                 v_res.from_purchased, v_acct.allowance, v_acct.purchased, v_plan,
-                v_acct.period_end, v_acct.allocated;
+                v_acct.period_end, v_acct.allocated, NULL::timestamptz;
             RETURN;
         END IF;
     END IF;
@@ -157,7 +179,7 @@ BEGIN
                                  AND j.purchased_delta > 0) THEN
             RETURN QUERY SELECT 'plan_forbidden', NULL::uuid, 0::bigint, 0::bigint,
                 coalesce(v_acct.allowance, 0), coalesce(v_acct.purchased, 0), v_plan,
-                v_acct.period_end, coalesce(v_acct.allocated, 0);
+                v_acct.period_end, coalesce(v_acct.allocated, 0), NULL::timestamptz;
             RETURN;
         END IF;
     END IF;
@@ -165,7 +187,8 @@ BEGIN
     v_acct := gw_touch_account(p_org, p_token_type, p_now);
     IF v_acct.allowance + v_acct.purchased < p_amount THEN
         RETURN QUERY SELECT 'insufficient', NULL::uuid, 0::bigint, 0::bigint,
-            v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated;
+            v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated,
+            NULL::timestamptz;
         RETURN;
     END IF;
 
@@ -187,7 +210,7 @@ BEGIN
         VALUES (p_now, p_org, p_token_type, 'reserve', -v_take_a, -(p_amount - v_take_a),
             p_amount, v_res.id, p_route, p_user, p_user, p_request_id);
     RETURN QUERY SELECT 'ok', v_res.id, v_take_a, p_amount - v_take_a, v_acct.allowance,
-        v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated;
+        v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated, NULL::timestamptz;
 END
 $$;
 
@@ -530,4 +553,30 @@ RETURNS boolean LANGUAGE sql AS $$
             ON CONFLICT DO NOTHING RETURNING 1
     )
     SELECT EXISTS (SELECT 1 FROM inserted)
+$$;
+
+-- Set an organization's license state. Entering past_due starts the grace clock (kept if
+-- it was already past due); any other state clears it. The action is recorded with its
+-- actor. status: ok | not_found | unchanged
+CREATE OR REPLACE FUNCTION gw_set_license(p_org text, p_state text, p_actor text,
+                                          p_now timestamptz)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_old text;
+BEGIN
+    SELECT license_state INTO v_old FROM organizations WHERE id = p_org FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    END IF;
+    IF v_old = p_state THEN
+        RETURN 'unchanged';
+    END IF;
+    UPDATE organizations SET license_state = p_state,
+            past_due_since = CASE WHEN p_state = 'past_due' THEN p_now END
+        WHERE id = p_org;
+    INSERT INTO admin_actions (at, org_id, actor, action, detail)
+        VALUES (p_now, p_org, p_actor, 'set_license',
+                jsonb_build_object('from', v_old, 'to', p_state));
+    RETURN 'ok';
+END
 $$;
