@@ -176,6 +176,8 @@ class CpuWindow:
         }
         used["load gen"] = self._children() - self.children_start
         busy, total = self._machine()
+        busy_seconds = (busy - self.machine_start[0]) / os.sysconf("SC_CLK_TCK")
+        used["other"] = max(0.0, busy_seconds - sum(used.values()))  # this script, the rest
         out = {name: round(100 * seconds / elapsed, 1) for name, seconds in used.items()}
         span = total - self.machine_start[1]
         out["machine"] = round(100 * (busy - self.machine_start[0]) / span, 1) if span else 0.0
@@ -1054,11 +1056,28 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
             print(f"{name:<26}{row['throughput']:>11.2f}x{row['p50']:>9.2f}x{row['p99']:>9.2f}x")
     if bench.results:
         print("\nCPU during each run, % of one CPU (machine: % of all CPUs busy)")
-        columns = ["upstream", "passthrough", "gateway", "postgres", "redis", "load gen", "machine"]
+        columns = [
+            "upstream",
+            "passthrough",
+            "gateway",
+            "postgres",
+            "redis",
+            "load gen",
+            "other",
+            "machine",
+        ]
         print(f"{'target':<14}" + "".join(f"{c:>12}" for c in columns))
         for r in bench.results:
             cells = [f"{r.cpu[c]:.0f}" if c in r.cpu else "-" for c in columns]
             print(f"{r.target:<14}" + "".join(f"{c:>12}" for c in cells))
+        print(
+            "  postgres and redis count every such process on the machine; other is everything "
+            "else busy\n  (this script included): a large share means something else ran "
+            "meanwhile and disturbed the numbers"
+        )
+        for r in bench.results:
+            if r.cpu.get("other", 0) > 25 or (r.target != "gateway" and r.cpu["postgres"] > 10):
+                print(f"  WARNING: other processes were busy during the {r.target} run")
     check = bench.ledger
     if check is not None:
         print(f"\nledger check (gateway run): {check.verdict()}")

@@ -292,6 +292,12 @@ def _rules_check(path: Path) -> int:
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         return 1
     doc = rules.document
+    margins = rules.margin_problems()
+    for problem in margins:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if margins:
+        print(f"{path}: valid, but {len(margins)} plan(s) fail the pricing check", file=sys.stderr)
+        return 1
     print(
         f"{path}: ok (version {rules.version}): {len(rules.routes)} route(s), "
         f"{len(doc.token_types)} token type(s), {len(doc.plans)} plan(s), "
@@ -473,6 +479,8 @@ async def _serve(
 ) -> int:
     from gateway.app import build_app, reload_rules
 
+    for problem in rules.margin_problems():
+        log.warning("pricing check: %s", problem)
     async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
         app = build_app(rules, ledger, limiter, watch=rules_path)
         # On SIGTERM: stop accepting, give handlers the longest upstream timeout to finish,

@@ -44,6 +44,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -116,12 +117,14 @@ class UpstreamConfig(_Strict):
 
 class TokenTypeConfig(_Strict):
     description: str = ""
+    backend_cost: NonNegativeNumber | None = None  # what one token costs you upstream
 
 
 class PlanConfig(_Strict):
     period: Literal["month", "week", "day"] = "month"
     allowance: dict[str, NonNegativeInt] = {}
     upgrade_to: str | None = None
+    price: NonNegativeNumber | None = None  # per period, in the currency of backend_cost
 
 
 class RouteConfig(_Strict):
@@ -182,6 +185,7 @@ class PackConfig(_Strict):
 class BillingConfig(_Strict):
     packs: dict[str, PackConfig] = {}
     plan_prices: dict[str, str] = {}
+    minimum_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
 
 
 class AlertsConfig(_Strict):
@@ -298,6 +302,34 @@ class Rules:
             if route.matches(method, path):
                 return route
         return None
+
+    def margin_problems(self) -> list[str]:
+        """Plans whose full allowance would cost more in backend fees than their price less
+        ``billing.minimum_margin``. Checked only for plans with a ``price`` whose token types
+        all have a ``backend_cost``."""
+        doc = self.document
+        margin = doc.billing.minimum_margin
+        problems = []
+        for name, plan in doc.plans.items():
+            if plan.price is None or not plan.allowance:
+                continue
+            costs = {tt: doc.token_types[tt].backend_cost for tt in plan.allowance}
+            missing = sorted(tt for tt, cost in costs.items() if cost is None)
+            if missing:
+                problems.append(
+                    f"plans.{name}: cannot check its margin: no backend_cost for "
+                    + ", ".join(missing)
+                )
+                continue
+            full = sum(plan.allowance[tt] * (cost or 0) for tt, cost in costs.items())
+            ceiling = plan.price * (1 - margin)
+            if full > ceiling:
+                problems.append(
+                    f"plans.{name}: its full allowance costs {full:.2f} in backend fees, more "
+                    f"than its price {plan.price:.2f} less the {margin:.0%} minimum margin "
+                    f"({ceiling:.2f})"
+                )
+        return problems
 
     def plan_allowances(self) -> dict[str, tuple[str, dict[str, int]]]:
         return {name: (p.period, dict(p.allowance)) for name, p in self.document.plans.items()}

@@ -216,3 +216,23 @@ async def test_unblock(cli_env: dict[str, str], redis_url: str, schema: str) -> 
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_rules_check_fails_the_pricing_check(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    priced = tmp_path / "priced.yaml"
+    priced.write_text(
+        (REPO / "rules.yaml")
+        .read_text()
+        .replace(
+            'general: {description: "General assistant and chat"}',
+            'general: {description: "General assistant and chat", backend_cost: 0.5}',
+        )
+        .replace(
+            "  starter:                       # no allowance: no AI", "  starter:\n    price: 0"
+        )
+        .replace("  pro:\n    period: month", "  pro:\n    price: 20\n    period: month")
+    )
+    # Only pro is priced, and one of its token types has no backend_cost.
+    result = await gateway(cli_env, "rules", "check", str(priced))
+    assert result.code == 1
+    assert "plans.pro: cannot check its margin: no backend_cost for forecast" in result.err

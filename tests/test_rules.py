@@ -491,3 +491,34 @@ def test_version_changes_when_the_file_changes(tmp_path: Path) -> None:
     assert load_rules(path).version != first
     path.write_text(text + "# a comment\n")
     assert load_rules(path).version != first  # the bytes, not the meaning
+
+
+PRICED = """
+version: 1
+upstreams: {ai: {url: "http://127.0.0.1:9"}}
+token_types:
+  leads: {backend_cost: 0.40}
+  chat: {backend_cost: 0.01}
+  draft: {}
+plans:
+  pro: {price: 49, allowance: {leads: 50, chat: 1000}}
+  team: {price: 29, allowance: {leads: 50, chat: 1000}}
+  cheap: {price: 10, allowance: {draft: 5}}
+  free: {}
+billing: {minimum_margin: 0.3}
+"""
+
+
+def test_pricing_check_reports_plans_below_the_minimum_margin() -> None:
+    rules = parse_rules(PRICED.encode(), "priced.yaml")
+    # pro: 50 * 0.40 + 1000 * 0.01 = 30.00 <= 49 * 0.7 = 34.30: fine.
+    # team: 30.00 > 29 * 0.7 = 20.30: reported. cheap: draft has no backend_cost.
+    assert rules.margin_problems() == [
+        "plans.team: its full allowance costs 30.00 in backend fees, more than its price "
+        "29.00 less the 30% minimum margin (20.30)",
+        "plans.cheap: cannot check its margin: no backend_cost for draft",
+    ]
+
+
+def test_pricing_check_is_silent_without_prices() -> None:
+    assert load_rules(EXAMPLE).margin_problems() == []
