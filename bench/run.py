@@ -6,7 +6,8 @@ requests/s and p50/p99 latency with their ratios, and checks the gateway's ledge
 what the load generator saw. See bench/README.md.
 
     .venv/bin/python bench/run.py [--duration 10] [--concurrency 32] [--threads 2]
-                                  [--warmup 2] [--generator auto|wrk|python] [--json FILE]
+        [--warmup 2] [--generator auto|wrk|python] [--limits bench|off|rules]
+        [--gateway-workers 1] [--json FILE] [--keep-logs]
 """
 
 from __future__ import annotations
@@ -92,7 +93,23 @@ def machine() -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "kernel": f"{platform.system()} {platform.release()} {platform.machine()}",
         "loadavg_before": os.getloadavg()[0],
+        "busy_before_percent": busy_percent(1.0),
     }
+
+
+def _cpu_ticks() -> tuple[float, float]:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+    values = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def busy_percent(seconds: float) -> float:
+    """How busy all CPUs are over the next ``seconds``, in percent."""
+    busy, total = _cpu_ticks()
+    time.sleep(seconds)
+    busy2, total2 = _cpu_ticks()
+    return round(100 * (busy2 - busy) / (total2 - total), 1) if total2 > total else 0.0
 
 
 def _processes() -> dict[int, tuple[str, int, float]]:
@@ -148,12 +165,6 @@ class CpuWindow:
         return groups
 
     @staticmethod
-    def _machine() -> tuple[float, float]:
-        values = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
-
-    @staticmethod
     def _children() -> float:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited for: the generator
         return usage.ru_utime + usage.ru_stime
@@ -161,7 +172,7 @@ class CpuWindow:
     def begin(self, roots: dict[str, int]) -> None:
         self.roots = roots
         self.start = {pid: cpu for pid, (_, _, cpu) in _processes().items()}
-        self.machine_start = self._machine()
+        self.machine_start = _cpu_ticks()
         self.children_start = self._children()
         self.started = time.monotonic()
 
@@ -175,7 +186,7 @@ class CpuWindow:
             for name, pids in self._groups(table).items()
         }
         used["load gen"] = self._children() - self.children_start
-        busy, total = self._machine()
+        busy, total = _cpu_ticks()
         busy_seconds = (busy - self.machine_start[0]) / os.sysconf("SC_CLK_TCK")
         used["other"] = max(0.0, busy_seconds - sum(used.values()))  # this script, the rest
         out = {name: round(100 * seconds / elapsed, 1) for name, seconds in used.items()}
@@ -686,7 +697,7 @@ def probe_once(url: str, token: str) -> str:
         status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         return f"no answer ({exc})"
-    return f"{status} {body[:300].decode(errors='replace')}"
+    return f"{status} {' '.join(body[:300].decode(errors='replace').split())}"
 
 
 def find_wrk() -> str | None:
@@ -1029,6 +1040,7 @@ def report(bench: Bench, info: dict[str, Any]) -> dict[str, Any]:
         f"{min(args.threads, args.concurrency)} thread(s), {args.duration}s per target after "
         f"{args.warmup}s warm-up; POST {PATH} ({len(BODY)}-byte JSON body)"
     )
+    print(f"      all CPUs {info['busy_before_percent']:.0f}% busy in the second before the run")
     print(
         f"note: the load generator, the three servers and PostgreSQL share these "
         f"{info['nproc']} CPU(s);\n      absolute numbers are lower than on separate machines, "
@@ -1139,6 +1151,35 @@ def gateway_stderr(bench: Bench) -> list[str]:
     return []
 
 
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T][\d:.,]+Z?\s*")
+
+
+def summarize_log(lines: Sequence[str], limit: int = 12) -> list[str]:
+    """Distinct log records with their counts, most frequent first. JSON records (the
+    gateway's structured log) are shown as level, logger, message and the last line of
+    their exception; other lines without their timestamp."""
+    counts: Counter[str] = Counter()
+    first: dict[str, int] = {}
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        key = _TIMESTAMP.sub("", line.strip())
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            key = f"{record.get('level', '?').upper()} {record.get('logger', '?')}: "
+            key += str(record.get("message", ""))
+            exception = str(record.get("exception") or "").strip()
+            if exception:
+                key += f" [{exception.splitlines()[-1]}]"
+        counts[key] += 1
+        first.setdefault(key, index)
+    ranked = sorted(counts, key=lambda k: (-counts[k], first[k]))
+    shown = [f"{counts[k]:>6} x {k[:400]}" for k in ranked[:limit]]
+    if len(ranked) > limit:
+        shown.append(f"       ... and {len(ranked) - limit} other distinct line(s)")
+    return shown
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -1213,6 +1254,11 @@ def sigterm_unwinds() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine()
+    if info["busy_before_percent"] > 15:
+        print(
+            f"WARNING: the machine is already {info['busy_before_percent']:.0f}% busy before "
+            "the run: something else is running, and the numbers will be lower and noisier"
+        )
     bench: Bench | None = None
     code = 0
     summary: dict[str, Any] | None = None
@@ -1239,9 +1285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = report(bench, info)
     stderr = [line for line in gateway_stderr(bench) if line.strip()]
     if stderr:
-        print(f"\ngateway log ({len(stderr)} line(s) at WARNING or above; last 20):")
-        for line in stderr[-20:]:
-            print(f"  | {line}")
+        print(f"\ngateway log: {len(stderr)} line(s) at WARNING or above, by count:")
+        for line in summarize_log(stderr):
+            print(f"  {line}")
     if bench.failures:
         code = code or 1
         print("\nFAILED:", file=sys.stderr)

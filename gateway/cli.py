@@ -134,6 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default=None, help="recorded in the journal")
     p.add_argument("--bucket", choices=("purchased", "allowance"), default="purchased")
 
+    quota = sub.add_parser(
+        "quota", help="cap what one user or team may spend of a token type per period"
+    ).add_subparsers(dest="quota_command", required=True, metavar="ACTION")
+    for action in ("set", "clear"):
+        p = quota.add_parser(action, help=f"{action} a quota")
+        p.add_argument("org")
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument("--user")
+        who.add_argument("--team")
+        p.add_argument("token_type")
+        if action == "set":
+            p.add_argument("amount", type=int)
+    team = sub.add_parser("team", help="manage the teams quotas apply to").add_subparsers(
+        dest="team_command", required=True, metavar="ACTION"
+    )
+    p = team.add_parser("set", help="make a team's members exactly these users")
+    p.add_argument("org")
+    p.add_argument("team")
+    p.add_argument("users", nargs="*")
+
     p = sub.add_parser("balance", help="show an organization's balances")
     p.add_argument("org")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -199,6 +219,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
     if command == "rules" and args.rules_command == "check":
         return _rules_check(args.file or rules_path)
     rules = load_rules(rules_path)
+    args.rules_loaded = rules
     if command == "rules":
         return run_async(_explain(settings, rules, args))
     if command == "token":
@@ -221,6 +242,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
         "org": lambda ledger: _org(ledger, args),
         "grant": lambda ledger: _grant(ledger, args),
         "balance": lambda ledger: _balance(ledger, args),
+        "quota": lambda ledger: _quota(ledger, args),
+        "team": lambda ledger: _team(ledger, args),
         "audit": _audit,
         "sweep": _sweep,
     }
@@ -371,6 +394,32 @@ async def _grant(ledger: Ledger, args: argparse.Namespace) -> int:
         f"granted {args.amount} {args.token_type} tokens to '{args.org}' ({args.bucket}); "
         f"available now {account.available}"
     )
+    return 0
+
+
+async def _quota(ledger: Ledger, args: argparse.Namespace) -> int:
+    subject = f"user:{args.user}" if args.user else f"team:{args.team}"
+    if args.token_type not in ledger_token_types(args):
+        raise CommandError(f"unknown token type '{args.token_type}'")
+    amount = args.amount if args.quota_command == "set" else None
+    if amount is not None and amount < 0:
+        raise CommandError("a quota cannot be negative")
+    await ledger.set_quota(args.org, subject, args.token_type, amount, actor="cli")
+    print(
+        f"{subject} of '{args.org}' may spend {amount} {args.token_type} tokens per period"
+        if amount is not None
+        else f"{subject} of '{args.org}' has no {args.token_type} quota now"
+    )
+    return 0
+
+
+def ledger_token_types(args: argparse.Namespace) -> set[str]:
+    return set(args.rules_loaded.document.token_types)
+
+
+async def _team(ledger: Ledger, args: argparse.Namespace) -> int:
+    await ledger.set_team(args.org, args.team, args.users, actor="cli")
+    print(f"team '{args.team}' of '{args.org}': {', '.join(args.users) or 'no members'}")
     return 0
 
 

@@ -6,6 +6,7 @@ and an HTTP status (RFC 9457 problem details)::
     GatewayError
     ├── InvalidToken            401 invalid_token
     ├── InsufficientTokens      402 insufficient_tokens
+    ├── QuotaExceeded           402 quota_exceeded
     ├── PlanForbidden           403 plan_forbidden
     ├── UnknownOrganization     403 unknown_organization
     ├── LicenseSuspended        403 license_suspended
@@ -100,6 +101,12 @@ class InsufficientTokens(GatewayError):
     status = 402
     code = "insufficient_tokens"
     title = "Insufficient tokens"
+
+
+class QuotaExceeded(GatewayError):
+    status = 402
+    code = "quota_exceeded"
+    title = "Quota exceeded"
 
 
 class PlanForbidden(GatewayError):

@@ -10,6 +10,7 @@ it hangs up; the app waits for these tasks at shutdown.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -30,6 +31,7 @@ from gateway.errors import (
     LicenseSuspended,
     NoRoute,
     PlanForbidden,
+    QuotaExceeded,
     UnknownOrganization,
     UpstreamError,
     UpstreamTimeout,
@@ -216,6 +218,19 @@ async def reserve(
             + (f" since {when:%Y-%m-%d} (the payment grace period ended)" if when else "")
             + "; all AI features are off until the account is paid",
             suspended_at=when.isoformat() if when else None,
+        )
+    if outcome.status == "quota_exceeded":
+        quota = json.loads(outcome.detail or "{}")
+        kind, _, name = str(quota.get("subject", ":")).partition(":")
+        whom = f"user '{name}'" if kind == "user" else f"team '{name}'"
+        raise QuotaExceeded(
+            f"{route.name} costs {route.cost} {route.token_type} tokens and {whom} has used "
+            f"{quota.get('spent')} of its quota of {quota.get('quota')} this period",
+            token_type=route.token_type,
+            cost=route.cost,
+            quota=quota.get("quota"),
+            spent=quota.get("spent"),
+            subject=quota.get("subject"),
         )
     if outcome.status == "feature_degraded":
         when = outcome.license_date

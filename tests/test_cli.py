@@ -236,3 +236,19 @@ async def test_rules_check_fails_the_pricing_check(tmp_path: Path, cli_env: dict
     result = await gateway(cli_env, "rules", "check", str(priced))
     assert result.code == 1
     assert "plans.pro: cannot check its margin: no backend_cost for forecast" in result.err
+
+
+async def test_quota_and_team_commands(cli_env: dict[str, str], ledger: Ledger) -> None:
+    await ledger.create_org("acme", "pro")
+    team = await gateway(cli_env, "team", "set", "acme", "research", "bob", "carol")
+    assert team.code == 0 and "team 'research' of 'acme': bob, carol" in team.out
+    quota = await gateway(cli_env, "quota", "set", "acme", "--team", "research", "forecast", "8")
+    assert quota.code == 0 and "may spend 8 forecast tokens per period" in quota.out
+    held = await ledger.reserve("acme", "forecast", 8, ttl_seconds=60, user="carol")
+    refused = await ledger.reserve("acme", "forecast", 4, ttl_seconds=60, user="bob")
+    assert refused.status == "quota_exceeded"
+    await ledger.refund(held.reservation_id, reason="test")  # type: ignore[arg-type]
+    cleared = await gateway(cli_env, "quota", "clear", "acme", "--team", "research", "forecast")
+    assert cleared.code == 0 and "has no forecast quota now" in cleared.out
+    bad = await gateway(cli_env, "quota", "set", "acme", "--user", "bob", "nonsense", "1")
+    assert bad.code == 1 and "unknown token type 'nonsense'" in bad.err

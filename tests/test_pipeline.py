@@ -467,3 +467,32 @@ license:
     await gateway.ledger.set_license("acme", "canceled", actor="billing")
     assert await outcome("/v1/chat/x") == (403, "license_suspended")
     assert len(gateway.upstream.seen) == 6  # nothing refused was forwarded
+
+
+async def test_user_and_team_quotas_hold_under_concurrency(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    ledger = gateway.ledger
+    await ledger.set_quota("acme", "user:alice", "general", 10, actor="test")
+    await ledger.set_team("acme", "research", ["bob", "carol"], actor="test")
+    await ledger.set_quota("acme", "team:research", "general", 5, actor="test")
+
+    async def one(user: str) -> tuple[int, str]:
+        async with http.post(
+            gateway.url("/v1/chat/x"), json=CHAT, headers=bearer("acme", user)
+        ) as resp:
+            body = await resp.json()
+            return resp.status, body.get("code", "ok")
+
+    results = await asyncio.gather(*(one("alice") for _ in range(30)))
+    assert Counter(results) == {(200, "ok"): 10, (402, "quota_exceeded"): 20}
+    team = await asyncio.gather(*(one(u) for u in ["bob", "carol"] * 6))
+    assert Counter(team) == {(200, "ok"): 5, (402, "quota_exceeded"): 7}
+    assert await one("dave") == (200, "ok")  # no quota: the organization's balance rules
+    resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=bearer("acme", "alice"))
+    problem = await resp.json()
+    assert (problem["quota"], problem["spent"], problem["subject"]) == (10, 10, "user:alice")
+    assert "user 'alice' has used 10 of its quota of 10" in problem["detail"]
+    await ledger.set_quota("acme", "user:alice", "general", None, actor="test")
+    assert await one("alice") == (200, "ok")
+    assert await gateway.available("acme", "general") == 100 - 10 - 5 - 1 - 1

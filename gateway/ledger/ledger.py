@@ -33,6 +33,7 @@ ReserveStatus = Literal[
     "insufficient",
     "license_suspended",
     "feature_degraded",
+    "quota_exceeded",
 ]
 LicenseState = Literal["active", "past_due", "suspended", "canceled"]
 
@@ -65,6 +66,7 @@ class ReserveOutcome:
     period_end: datetime | None
     allocated: int
     license_date: datetime | None  # when the license gate closed (or closes) this
+    detail: str | None  # JSON: the quota that refused it
 
     @property
     def remaining(self) -> int:
@@ -418,6 +420,31 @@ class Ledger:
         if status == "not_found":
             raise LedgerError("unknown_organization", f"organization '{org}' does not exist")
         return bool(status == "ok")
+
+    async def set_quota(
+        self, org: str, subject: str, token_type: str, amount: int | None, *, actor: str
+    ) -> None:
+        """Set (or, with ``amount`` None, clear) the quota of ``subject``: ``user:<id>`` or
+        ``team:<name>``. Raises ``LedgerError`` (``unknown_organization``)."""
+        status = await self._fetchval(
+            "SELECT gw_set_quota($1, $2, $3, $4, $5, $6)",
+            org,
+            subject,
+            token_type,
+            amount,
+            actor,
+            self.clock(),
+        )
+        if status == "unknown_organization":
+            raise LedgerError(status, f"organization '{org}' does not exist")
+
+    async def set_team(self, org: str, team: str, users: Sequence[str], *, actor: str) -> None:
+        """Make the team's members exactly ``users``."""
+        status = await self._fetchval(
+            "SELECT gw_set_team($1, $2, $3, $4, $5)", org, team, list(users), actor, self.clock()
+        )
+        if status == "unknown_organization":
+            raise LedgerError(status, f"organization '{org}' does not exist")
 
     async def grant(
         self,

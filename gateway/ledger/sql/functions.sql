@@ -106,7 +106,7 @@ CREATE OR REPLACE FUNCTION gw_reserve(
 ) RETURNS TABLE (
     status text, reservation_id uuid, from_allowance bigint, from_purchased bigint,
     allowance bigint, purchased bigint, plan text, period_end timestamptz, allocated bigint,
-    license_date timestamptz
+    license_date timestamptz, detail jsonb
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_org organizations;
@@ -115,6 +115,8 @@ DECLARE
     v_acct accounts;
     v_res reservations;
     v_take_a bigint;
+    v_quota record;
+    v_spent bigint;
 BEGIN
     IF p_amount IS NULL OR p_amount <= 0 THEN
         RAISE EXCEPTION 'reserve: amount must be positive, got %', p_amount
@@ -124,7 +126,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'unknown_organization', NULL::uuid, 0::bigint, 0::bigint,
             0::bigint, 0::bigint, NULL::text, NULL::timestamptz, 0::bigint,
-            NULL::timestamptz;
+            NULL::timestamptz, NULL::jsonb;
         RETURN;
     END IF;
     v_plan := v_org.plan;
@@ -136,14 +138,14 @@ BEGIN
         RETURN QUERY SELECT 'license_suspended', NULL::uuid, 0::bigint, 0::bigint,
             0::bigint, 0::bigint, v_plan, NULL::timestamptz, 0::bigint,
             CASE WHEN v_org.license_state = 'past_due'
-                 THEN v_org.past_due_since + make_interval(days => p_grace_days) END;
+                 THEN v_org.past_due_since + make_interval(days => p_grace_days) END, NULL::jsonb;
         RETURN;
     END IF;
     IF v_org.license_state = 'past_due' AND p_degrade_after_days IS NOT NULL
             AND p_now >= v_org.past_due_since + make_interval(days => p_degrade_after_days) THEN
         RETURN QUERY SELECT 'feature_degraded', NULL::uuid, 0::bigint, 0::bigint,
             0::bigint, 0::bigint, v_plan, NULL::timestamptz, 0::bigint,
-            v_org.past_due_since + make_interval(days => p_degrade_after_days);
+            v_org.past_due_since + make_interval(days => p_degrade_after_days), NULL::jsonb;
         RETURN;
     END IF;
 
@@ -155,7 +157,7 @@ BEGIN
                 WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
             RETURN QUERY SELECT 'duplicate', v_res.id, v_res.from_allowance,
                 v_res.from_purchased, v_acct.allowance, v_acct.purchased, v_plan,
-                v_acct.period_end, v_acct.allocated, NULL::timestamptz;
+                v_acct.period_end, v_acct.allocated, NULL::timestamptz, NULL::jsonb;
             RETURN;
         END IF;
     END IF;
@@ -179,16 +181,46 @@ BEGIN
                                  AND j.purchased_delta > 0) THEN
             RETURN QUERY SELECT 'plan_forbidden', NULL::uuid, 0::bigint, 0::bigint,
                 coalesce(v_acct.allowance, 0), coalesce(v_acct.purchased, 0), v_plan,
-                v_acct.period_end, coalesce(v_acct.allocated, 0), NULL::timestamptz;
+                v_acct.period_end, coalesce(v_acct.allocated, 0), NULL::timestamptz, NULL::jsonb;
             RETURN;
         END IF;
     END IF;
 
     v_acct := gw_touch_account(p_org, p_token_type, p_now);
+    -- Quotas of this user and of its teams, checked under the account's lock, so that
+    -- concurrent requests cannot both fit under one quota.
+    FOR v_quota IN
+        SELECT q.subject, q.amount FROM quotas q
+        WHERE q.org_id = p_org AND q.token_type = p_token_type
+          AND (q.subject = 'user:' || p_user
+               OR q.subject IN (SELECT 'team:' || t.team FROM team_members t
+                                WHERE t.org_id = p_org AND t.user_id = p_user))
+        ORDER BY q.subject
+    LOOP
+        SELECT coalesce(sum(CASE r.state WHEN 'held' THEN r.amount
+                                         WHEN 'committed' THEN r.charged ELSE 0 END), 0)
+            INTO v_spent
+            FROM reservations r
+            WHERE r.org_id = p_org AND r.token_type = p_token_type
+              AND r.created_at >= v_acct.period_start
+              AND r.user_id IN (
+                  SELECT p_user WHERE v_quota.subject LIKE 'user:%'
+                  UNION ALL
+                  SELECT t.user_id FROM team_members t
+                  WHERE t.org_id = p_org AND 'team:' || t.team = v_quota.subject);
+        IF v_spent + p_amount > v_quota.amount THEN
+            RETURN QUERY SELECT 'quota_exceeded', NULL::uuid, 0::bigint, 0::bigint,
+                v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end,
+                v_acct.allocated, NULL::timestamptz,
+                jsonb_build_object('subject', v_quota.subject, 'quota', v_quota.amount,
+                                   'spent', v_spent);
+            RETURN;
+        END IF;
+    END LOOP;
     IF v_acct.allowance + v_acct.purchased < p_amount THEN
         RETURN QUERY SELECT 'insufficient', NULL::uuid, 0::bigint, 0::bigint,
             v_acct.allowance, v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated,
-            NULL::timestamptz;
+            NULL::timestamptz, NULL::jsonb;
         RETURN;
     END IF;
 
@@ -210,7 +242,7 @@ BEGIN
         VALUES (p_now, p_org, p_token_type, 'reserve', -v_take_a, -(p_amount - v_take_a),
             p_amount, v_res.id, p_route, p_user, p_user, p_request_id);
     RETURN QUERY SELECT 'ok', v_res.id, v_take_a, p_amount - v_take_a, v_acct.allowance,
-        v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated, NULL::timestamptz;
+        v_acct.purchased, v_plan, v_acct.period_end, v_acct.allocated, NULL::timestamptz, NULL::jsonb;
 END
 $$;
 
@@ -577,6 +609,48 @@ BEGIN
     INSERT INTO admin_actions (at, org_id, actor, action, detail)
         VALUES (p_now, p_org, p_actor, 'set_license',
                 jsonb_build_object('from', v_old, 'to', p_state));
+    RETURN 'ok';
+END
+$$;
+
+-- Set (p_amount not null) or clear a quota. p_subject: 'user:<id>' or 'team:<name>'.
+-- status: ok | unknown_organization
+CREATE OR REPLACE FUNCTION gw_set_quota(p_org text, p_subject text, p_token_type text,
+                                        p_amount bigint, p_actor text, p_now timestamptz)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM organizations WHERE id = p_org) THEN
+        RETURN 'unknown_organization';
+    END IF;
+    IF p_amount IS NULL THEN
+        DELETE FROM quotas WHERE org_id = p_org AND subject = p_subject
+            AND token_type = p_token_type;
+    ELSE
+        INSERT INTO quotas (org_id, subject, token_type, amount)
+            VALUES (p_org, p_subject, p_token_type, p_amount)
+            ON CONFLICT (org_id, token_type, subject) DO UPDATE SET amount = EXCLUDED.amount;
+    END IF;
+    INSERT INTO admin_actions (at, org_id, actor, action, detail)
+        VALUES (p_now, p_org, p_actor, 'set_quota', jsonb_build_object(
+            'subject', p_subject, 'token_type', p_token_type, 'amount', p_amount));
+    RETURN 'ok';
+END
+$$;
+
+-- Make a team's members exactly p_users. status: ok | unknown_organization
+CREATE OR REPLACE FUNCTION gw_set_team(p_org text, p_team text, p_users text[],
+                                       p_actor text, p_now timestamptz)
+RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM organizations WHERE id = p_org) THEN
+        RETURN 'unknown_organization';
+    END IF;
+    DELETE FROM team_members WHERE org_id = p_org AND team = p_team;
+    INSERT INTO team_members (org_id, team, user_id)
+        SELECT p_org, p_team, u FROM unnest(p_users) AS u ON CONFLICT DO NOTHING;
+    INSERT INTO admin_actions (at, org_id, actor, action, detail)
+        VALUES (p_now, p_org, p_actor, 'set_team',
+                jsonb_build_object('team', p_team, 'users', to_jsonb(p_users)));
     RETURN 'ok';
 END
 $$;
