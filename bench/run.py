@@ -97,18 +97,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _cpu_ticks() -> tuple[float, float]:
-    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat."""
+def _cpu_ticks() -> tuple[float, float, float]:
+    """(busy, total, in processes) clock ticks of all CPUs since boot, from /proc/stat:
+    busy counts interrupts and time stolen by the hypervisor too, "in processes" only
+    user, nice and system time."""
     values = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
+    return sum(values) - idle, sum(values), values[0] + values[1] + values[2]
 
 
 def busy_percent(seconds: float) -> float:
     """How busy all CPUs are over the next ``seconds``, in percent."""
-    busy, total = _cpu_ticks()
+    busy, total, _ = _cpu_ticks()
     time.sleep(seconds)
-    busy2, total2 = _cpu_ticks()
+    busy2, total2, _ = _cpu_ticks()
     return round(100 * (busy2 - busy) / (total2 - total), 1) if total2 > total else 0.0
 
 
@@ -144,7 +146,7 @@ class CpuWindow:
     }
     roots: dict[str, int] = field(default_factory=dict)
     start: dict[int, float] = field(default_factory=dict)
-    machine_start: tuple[float, float] = (0.0, 0.0)
+    machine_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
     children_start: float = 0.0
     started: float = 0.0
 
@@ -186,9 +188,9 @@ class CpuWindow:
             for name, pids in self._groups(table).items()
         }
         used["load gen"] = self._children() - self.children_start
-        busy, total = _cpu_ticks()
-        busy_seconds = (busy - self.machine_start[0]) / os.sysconf("SC_CLK_TCK")
-        used["other"] = max(0.0, busy_seconds - sum(used.values()))  # this script, the rest
+        busy, total, in_processes = _cpu_ticks()
+        process_seconds = (in_processes - self.machine_start[2]) / os.sysconf("SC_CLK_TCK")
+        used["other"] = max(0.0, process_seconds - sum(used.values()))  # this script, the rest
         out = {name: round(100 * seconds / elapsed, 1) for name, seconds in used.items()}
         span = total - self.machine_start[1]
         out["machine"] = round(100 * (busy - self.machine_start[0]) / span, 1) if span else 0.0

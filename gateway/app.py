@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.api.admin import add_routes as add_admin_routes
 from gateway.api.usage import Thresholds
 from gateway.api.usage import add_routes as add_usage_routes
 from gateway.auth import Authenticator
@@ -77,6 +78,7 @@ def build_app(
     app.router.add_get("/v1/admin/rules", _admin_rules)
     app.router.add_get("/v1/admin/explain", _admin_explain)
     add_usage_routes(app)
+    add_admin_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
@@ -212,7 +214,7 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def _require_admin(request: web.Request) -> str:
+async def require_admin(request: web.Request) -> str:
     """The caller's name if it may use /v1/admin/: the GATEWAY_ADMIN_TOKEN, or a JWT with
     the configured admin role. Raises InvalidToken or Forbidden."""
     header = request.headers.get("Authorization", "")
@@ -230,7 +232,7 @@ async def _require_admin(request: web.Request) -> str:
 
 async def _admin_rules(request: web.Request) -> web.Response:
     try:
-        await _require_admin(request)
+        await require_admin(request)
     except GatewayError as exc:
         return exc.response(instance=request.path)
     state = request.app[STATE]
@@ -248,7 +250,7 @@ async def _admin_rules(request: web.Request) -> web.Response:
 
 async def _admin_explain(request: web.Request) -> web.Response:
     try:
-        await _require_admin(request)
+        await require_admin(request)
     except GatewayError as exc:
         return exc.response(instance=request.path)
     state = request.app[STATE]

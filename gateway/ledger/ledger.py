@@ -503,11 +503,51 @@ class Ledger:
         )
         return Reservation(**dict(rows[0])) if rows else None
 
-    async def journal(self, org: str, *, limit: int = 100) -> list[dict[str, Any]]:
+    async def journal(
+        self, org: str, *, limit: int = 100, before: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The organization's journal, newest first; page with ``before`` (an entry id)."""
         rows = await self._fetch(
-            "SELECT * FROM journal WHERE org_id = $1 ORDER BY id DESC LIMIT $2", org, limit
+            "SELECT * FROM journal WHERE org_id = $1 AND ($3::bigint IS NULL OR id < $3)"
+            " ORDER BY id DESC LIMIT $2",
+            org,
+            limit,
+            before,
         )
         return [dict(r) for r in rows]
+
+    async def held_reservations(self, org: str, *, limit: int = 500) -> list[Reservation]:
+        rows = await self._fetch(
+            "SELECT id, org_id, token_type, amount, state, charged, route, user_id,"
+            " created_at, expires_at FROM reservations WHERE org_id = $1 AND state = 'held'"
+            " ORDER BY created_at LIMIT $2",
+            org,
+            limit,
+        )
+        return [Reservation(**dict(r)) for r in rows]
+
+    async def refund_charge(self, reservation_id: uuid.UUID, *, actor: str, reason: str) -> None:
+        """Give back a committed reservation's charge, once (an ``adjust`` entry). Raises
+        ``LedgerError`` (``not_found``, ``not_committed``, ``already_refunded``,
+        ``nothing_charged``)."""
+        status = await self._fetchval(
+            "SELECT gw_refund_charge($1, $2, $3, $4)", reservation_id, actor, reason, self.clock()
+        )
+        if status != "ok":
+            raise LedgerError(
+                str(status), f"reservation {reservation_id}: {status.replace('_', ' ')}"
+            )
+
+    async def record_admin(self, org: str, actor: str, action: str, detail: dict[str, Any]) -> None:
+        await self._fetch(
+            "INSERT INTO admin_actions (at, org_id, actor, action, detail)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb)",
+            self.clock(),
+            org,
+            actor,
+            action,
+            json.dumps(detail),
+        )
 
     async def usage(self, org: str, *, since: datetime, burn_since: datetime) -> dict[str, Any]:
         """Committed use since ``since`` per token type, feature (route), user and day, and

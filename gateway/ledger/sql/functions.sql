@@ -654,3 +654,39 @@ BEGIN
     RETURN 'ok';
 END
 $$;
+
+-- Give back the charge of a committed reservation, once, as an adjust entry crediting the
+-- purchased bucket (purchased tokens never lapse, whatever period the charge was in).
+-- status: ok | not_found | not_committed | already_refunded | nothing_charged
+CREATE OR REPLACE FUNCTION gw_refund_charge(p_id uuid, p_actor text, p_reason text,
+                                            p_now timestamptz)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_res reservations;
+BEGIN
+    SELECT * INTO v_res FROM reservations WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    ELSIF v_res.state <> 'committed' THEN
+        RETURN 'not_committed';
+    ELSIF v_res.charge_refunded_at IS NOT NULL THEN
+        RETURN 'already_refunded';
+    ELSIF coalesce(v_res.charged, 0) = 0 THEN
+        RETURN 'nothing_charged';
+    END IF;
+    PERFORM 1 FROM accounts
+        WHERE org_id = v_res.org_id AND token_type = v_res.token_type FOR UPDATE;
+    UPDATE accounts SET purchased = purchased + v_res.charged
+        WHERE org_id = v_res.org_id AND token_type = v_res.token_type;
+    UPDATE reservations SET charge_refunded_at = p_now WHERE id = p_id;
+    INSERT INTO journal (at, org_id, token_type, kind, purchased_delta, reservation_id,
+            route, user_id, actor, reason)
+        VALUES (p_now, v_res.org_id, v_res.token_type, 'adjust', v_res.charged, p_id,
+            v_res.route, v_res.user_id, p_actor, p_reason);
+    INSERT INTO admin_actions (at, org_id, actor, action, detail)
+        VALUES (p_now, v_res.org_id, p_actor, 'refund_charge',
+                jsonb_build_object('reservation', p_id, 'tokens', v_res.charged,
+                                   'reason', p_reason));
+    RETURN 'ok';
+END
+$$;
