@@ -20,6 +20,7 @@ from gateway.api.admin import add_routes as add_admin_routes
 from gateway.api.usage import Thresholds
 from gateway.api.usage import add_routes as add_usage_routes
 from gateway.auth import Authenticator
+from gateway.billing.stripe_webhooks import stripe_webhook
 from gateway.errors import ConfigError, GatewayError, LedgerUnavailable
 from gateway.explain import explain
 from gateway.ledger import Ledger
@@ -79,6 +80,7 @@ def build_app(
     app.router.add_get("/v1/admin/explain", _admin_explain)
     add_usage_routes(app)
     add_admin_routes(app)
+    app.router.add_post("/v1/billing/stripe/webhook", stripe_webhook)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -184,7 +184,10 @@ class PackConfig(_Strict):
 
 class BillingConfig(_Strict):
     packs: dict[str, PackConfig] = {}
-    plan_prices: dict[str, str] = {}
+    plan_prices: dict[str, str] = {}  # plan -> Stripe price id of its subscription
+    cancel_plan: str = "starter"  # where a canceled subscription leaves the organization
+    api_key_env: str = "STRIPE_API_KEY"
+    webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
     minimum_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
 
 

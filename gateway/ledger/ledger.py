@@ -446,6 +446,39 @@ class Ledger:
         if status == "unknown_organization":
             raise LedgerError(status, f"organization '{org}' does not exist")
 
+    async def stripe_apply(
+        self,
+        event_id: str,
+        event_type: str,
+        *,
+        org: str | None,
+        customer: str | None,
+        action: Literal["purchase", "license", "plan", "cancel"],
+        event_at: datetime,
+        token_type: str | None = None,
+        amount: int | None = None,
+        state: str | None = None,
+        plan: str | None = None,
+    ) -> str:
+        """Apply one Stripe event exactly once (see gw_stripe_apply). Returns ok, duplicate,
+        stale, unknown_organization or unknown_plan."""
+        return str(
+            await self._fetchval(
+                "SELECT gw_stripe_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                event_id,
+                event_type,
+                org,
+                customer,
+                action,
+                token_type,
+                amount,
+                state,
+                plan,
+                event_at,
+                self.clock(),
+            )
+        )
+
     async def grant(
         self,
         org: str,

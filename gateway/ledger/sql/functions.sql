@@ -690,3 +690,58 @@ BEGIN
     RETURN 'ok';
 END
 $$;
+
+-- Apply one Stripe event to an organization, exactly once per event id, in one
+-- transaction with the record of it. p_action: purchase (credit p_amount p_token_type
+-- tokens to the purchased bucket), license (set p_state), plan (set p_plan).
+-- License and plan changes older than the last applied billing event are ignored.
+-- status: ok | duplicate | stale | unknown_organization | unknown_plan
+CREATE OR REPLACE FUNCTION gw_stripe_apply(
+    p_event_id text, p_type text, p_org text, p_customer text, p_action text,
+    p_token_type text, p_amount bigint, p_state text, p_plan text,
+    p_event_at timestamptz, p_now timestamptz
+) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_org organizations;
+    v_status text := 'ok';
+    v_result record;
+BEGIN
+    INSERT INTO stripe_events (id, type, org_id, received_at, outcome)
+        VALUES (p_event_id, p_type, p_org, p_now, 'pending')
+        ON CONFLICT (id) DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 'duplicate';
+    END IF;
+    SELECT * INTO v_org FROM organizations
+        WHERE id = p_org OR (p_org IS NULL AND stripe_customer = p_customer) FOR UPDATE;
+    IF NOT FOUND THEN
+        v_status := 'unknown_organization';
+    ELSE
+        IF p_customer IS NOT NULL AND v_org.stripe_customer IS NULL THEN
+            UPDATE organizations SET stripe_customer = p_customer WHERE id = v_org.id;
+        END IF;
+        IF p_action = 'purchase' THEN
+            SELECT * INTO v_result FROM gw_grant(v_org.id, p_token_type, p_amount, 'purchased',
+                'purchase', 'stripe', 'Stripe ' || p_type || ' ' || p_event_id, p_now);
+            v_status := v_result.status;
+        ELSIF v_org.billing_event_at IS NOT NULL AND p_event_at < v_org.billing_event_at THEN
+            v_status := 'stale';
+        ELSIF p_action = 'license' THEN
+            PERFORM gw_set_license(v_org.id, p_state, 'stripe', p_now);
+            UPDATE organizations SET billing_event_at = p_event_at WHERE id = v_org.id;
+        ELSIF p_action IN ('plan', 'cancel') THEN
+            v_status := gw_set_plan(v_org.id, p_plan, p_now, 'stripe');
+            IF v_status IN ('ok', 'unchanged') THEN
+                v_status := 'ok';
+                IF p_action = 'cancel' THEN
+                    PERFORM gw_set_license(v_org.id, 'canceled', 'stripe', p_now);
+                END IF;
+                UPDATE organizations SET billing_event_at = p_event_at WHERE id = v_org.id;
+            END IF;
+        END IF;
+    END IF;
+    UPDATE stripe_events SET outcome = v_status, org_id = coalesce(v_org.id, p_org)
+        WHERE id = p_event_id;
+    RETURN v_status;
+END
+$$;
