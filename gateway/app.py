@@ -20,6 +20,7 @@ from gateway.api.admin import add_routes as add_admin_routes
 from gateway.api.usage import Thresholds
 from gateway.api.usage import add_routes as add_usage_routes
 from gateway.auth import Authenticator
+from gateway.billing.checkout import create_checkout
 from gateway.billing.stripe_webhooks import stripe_webhook
 from gateway.errors import ConfigError, GatewayError, LedgerUnavailable
 from gateway.explain import explain
@@ -65,6 +66,7 @@ def build_app(
         limiter=limiter,
         metrics=Metrics(),
         thresholds=Thresholds(ledger, session, env),
+        environ=env,
     )
     app[ENVIRON] = env
     app.cleanup_ctx.append(_clients)
@@ -81,6 +83,7 @@ def build_app(
     add_usage_routes(app)
     add_admin_routes(app)
     app.router.add_post("/v1/billing/stripe/webhook", stripe_webhook)
+    app.router.add_post("/v1/billing/checkout", create_checkout)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

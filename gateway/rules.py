@@ -188,6 +188,9 @@ class BillingConfig(_Strict):
     cancel_plan: str = "starter"  # where a canceled subscription leaves the organization
     api_key_env: str = "STRIPE_API_KEY"
     webhook_secret_env: str = "STRIPE_WEBHOOK_SECRET"
+    api_base: str | None = None  # another Stripe API address (stripe-mock, tests)
+    success_url: str = "https://example.com/billing/success?session={CHECKOUT_SESSION_ID}"
+    cancel_url: str = "https://example.com/billing/canceled"
     minimum_margin: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ class GatewayState:
     limiter: Limiter
     metrics: Metrics
     thresholds: Thresholds
+    environ: Mapping[str, str] = field(default_factory=dict)
     inflight: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
     last_reload: dict[str, Any] = field(default_factory=dict)
     retiring: set[asyncio.Task[None]] = field(default_factory=set)

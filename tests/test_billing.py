@@ -186,3 +186,82 @@ async def test_subscription_changes_and_cancellation(
     assert (status, body["handled"]) == (200, False)
     unknown_org = event("evt_nobody", "invoice.paid", {"customer": "cus_nobody"}, created=now + 5)
     assert (await post(client, *signed(unknown_org)))[1]["outcome"] == "unknown_organization"
+
+
+async def test_checkout_through_the_official_sdk_then_the_webhook_credits_the_pack(
+    ledger: Ledger, limiter: Limiter, upstream: tuple[Upstream, str]
+) -> None:
+    """The SDK talks to a local server playing Stripe's API; the webhook that Stripe would
+    send when the customer pays then credits the pack named in the session's metadata."""
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    async def sessions(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == "Bearer sk_test_local"
+        form = dict(await request.post())
+        seen.append((request.path, {k: str(v) for k, v in form.items()}))
+        return web.json_response(
+            {
+                "id": "cs_test_42",
+                "object": "checkout.session",
+                "url": "https://checkout.stripe.com/c/pay/cs_test_42",
+                "metadata": {
+                    "organization": form["metadata[organization]"],
+                    "pack": form["metadata[pack]"],
+                },
+            }
+        )
+
+    fake = web.Application()
+    fake.router.add_post("/v1/checkout/sessions", sessions)
+    stripe_server = TestServer(fake, host="127.0.0.1")
+    await stripe_server.start_server()
+    api_base = str(stripe_server.make_url("")).rstrip("/")
+    rules = parse_rules(
+        (rules_yaml(upstream[1]) + BILLING + f"  api_base: '{api_base}'\n").encode()
+    )
+    await ledger.create_org("acme", "pro")
+    env = {**ENVIRON, "STRIPE_WEBHOOK_SECRET": SECRET, "STRIPE_API_KEY": "sk_test_local"}
+    app = build_app(rules, ledger, limiter, environ=env, sweeper=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        from tests.conftest import bearer
+
+        resp = await client.post(
+            "/v1/billing/checkout", json={"pack": "leads_100"}, headers=bearer("acme", "alice")
+        )
+        assert resp.status == 201
+        assert (await resp.json())["url"] == "https://checkout.stripe.com/c/pay/cs_test_42"
+        _, form = seen[0]
+        assert form["line_items[0][price]"] == "price_leads_100"
+        assert form["metadata[organization]"] == "acme" and form["mode"] == "payment"
+        stats = await (await client.get("/v1/tokens/stats", headers=bearer())).json()
+        assert stats["billing"]["checkout"] is True
+        unknown = await client.post("/v1/billing/checkout", json={"pack": "gold"}, headers=bearer())
+        assert unknown.status == 400 and "unknown pack 'gold'" in (await unknown.json())["detail"]
+        # The customer pays; Stripe tells the gateway.
+        paid = event(
+            "evt_cs_42",
+            "checkout.session.completed",
+            {
+                "id": "cs_test_42",
+                "customer": "cus_42",
+                "payment_status": "paid",
+                "metadata": {"organization": "acme", "pack": "leads_100"},
+            },
+        )
+        status, body = await post(client, *signed(paid))
+        assert (status, body["outcome"]) == (200, "ok")
+        assert await purchased(ledger, "lead_generation") == 100
+    finally:
+        await client.close()
+        await stripe_server.close()
+
+
+async def test_checkout_without_billing_configured(
+    client: TestClient[web.Request, web.Application],
+) -> None:
+    from tests.conftest import bearer
+
+    resp = await client.post("/v1/billing/checkout", json={"pack": "leads_100"}, headers=bearer())
+    assert resp.status == 404 and (await resp.json())["code"] == "billing_not_configured"

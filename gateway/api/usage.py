@@ -266,7 +266,7 @@ async def organization_stats(state: GatewayState, org: str) -> dict[str, Any]:
         "organization": org,
         "plan": plan,
         "upgrade_to": plan_config.upgrade_to if plan_config else None,
-        "billing": {"checkout": False, "packs": packs},
+        "billing": {"checkout": checkout_enabled(doc.billing, state.environ), "packs": packs},
         "generated_at": now.isoformat(),
         "token_types": token_types,
         "features": usage["features"],
@@ -525,6 +525,10 @@ async def dashboard_asset(request: web.Request) -> web.Response:
     if not body.is_file():
         raise web.HTTPNotFound()
     return web.Response(body=body.read_bytes(), content_type=_STATIC[name])
+
+
+def checkout_enabled(billing: Any, environ: Mapping[str, str]) -> bool:
+    return bool(billing.packs) and bool(environ.get(billing.api_key_env))
 
 
 def add_routes(app: web.Application) -> None:
