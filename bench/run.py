@@ -747,6 +747,9 @@ class LedgerCheck:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.wrk = find_wrk() if args.generator in ("auto", "wrk") else None
+        if args.generator == "wrk" and self.wrk is None:
+            raise BenchError("--generator wrk: wrk is not installed (apt-get install wrk)")
         self.work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
         os.chmod(self.work, 0o755)  # the embedded PostgreSQL runs as its own user under root
         self.logs = self.work / "logs"
@@ -761,9 +764,6 @@ class Bench:
         self.token = ""
         self.pids: dict[str, int] = {}
         self.generator = ""
-        self.wrk = find_wrk() if args.generator in ("auto", "wrk") else None
-        if args.generator == "wrk" and self.wrk is None:
-            raise BenchError("--generator wrk: wrk is not installed (apt-get install wrk)")
 
     # setup
 

@@ -46,6 +46,12 @@ _UNAVAILABLE = (
 )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Connections go back to the pool as they are: the ledger keeps no session state (its
+    advisory locks are transaction-scoped and its settings are fixed at connect), so
+    asyncpg's default reset would only cost one more round trip per operation."""
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -161,6 +167,7 @@ class Ledger:
                 timeout=timeout,
                 command_timeout=timeout,
                 server_settings=settings,
+                reset=_keep_session,
             )
         except (*_UNAVAILABLE, ValueError) as exc:
             raise LedgerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
