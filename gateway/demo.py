@@ -207,6 +207,9 @@ curl -i -X POST '{base}/v1/forecasts?fail=503' {auth} {json_h} -d '{{}}'
 # a starter organization has no AI: 403 plan_forbidden
 curl -i -X POST {base}/v1/leads/generate -H "Authorization: Bearer $STARTER_TOKEN" -d '{{}}'
 
+# the dashboard: open this in a browser
+{base}/dashboard#token={pro}
+
 # balances and the ledger audit (in another terminal, same directory)
 gateway --rules {rules_path} balance {PRO_ORG}
 gateway --rules {rules_path} audit
