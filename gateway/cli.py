@@ -530,6 +530,11 @@ async def _serve(
 
     for problem in rules.margin_problems():
         log.warning("pricing check: %s", problem)
+    if reuse_port:  # a worker of serve --workers
+        parent = os.getppid()
+        die_with_parent()
+        if os.getppid() != parent:  # it died before we asked
+            return 1
     async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
         app = build_app(rules, ledger, limiter, watch=rules_path)
         # On SIGTERM: stop accepting, give handlers the longest upstream timeout to finish,
@@ -563,6 +568,20 @@ async def _serve(
         log.info("shutting down: finishing in-flight requests")
         await runner.cleanup()
     return 0
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM (a graceful stop) when its
+    parent dies: a worker must not outlive its supervisor."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the supervisor; polling for it instead")
 
 
 async def wait_for_signal(*, orphan_check: bool = False) -> None:
