@@ -72,15 +72,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
     route: Route | None = None
     admission = Admission()
     try:
-        await limiter.check_address(address)
         route = rules.match(request.method, request.path)
         if route is None:
             raise NoRoute(f"no route in rules.yaml matches {request.method} {request.path}")
         if not route.config.enforce:
             return await _shadow(request, state, route, request_id, started)
-        principal = await active.auth.authenticate(request.headers.get("Authorization"))
+        try:
+            principal = await active.auth.authenticate(request.headers.get("Authorization"))
+        except GatewayError:
+            # An address blocked for repeated invalid tokens is refused as such; a valid
+            # token is never refused for its address (many tenants share proxies).
+            await limiter.check_address(address)
+            raise
         caller = Caller(principal.org, principal.user, principal.roles, request_id)
-        limits = await state.limits_for(caller.org, route)
+        limits = await state.limits_for(caller.org, route, rules)
         # Limits before the ledger: a request refused by a limit is never charged.
         with metrics.redis_seconds.time():
             admission = await limiter.admit(
@@ -93,7 +98,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await refuse(request, state, exc, caller, route, request_id, admission.headers)
 
     metrics.tokens.labels(route.token_type, "reserved").inc(route.cost)
-    exchange = Exchange(request, route, caller, state.ledger, started, admission, outcome)
+    exchange = Exchange(
+        request,
+        route,
+        caller,
+        state.ledger,
+        started,
+        admission,
+        outcome,
+        client_deadline=_client_deadline(rules, route, started),
+    )
     return await _run_shielded(state, exchange)
 
 
@@ -164,8 +178,24 @@ async def _shadow(
         except GatewayError as exc:
             would.append(exc.code)
     caller = Caller(org, user, roles, request_id)
-    exchange = Exchange(request, route, caller, state.ledger, started, admission, None, would)
+    exchange = Exchange(
+        request,
+        route,
+        caller,
+        state.ledger,
+        started,
+        admission,
+        None,
+        client_deadline=_client_deadline(state.rules, route, started),
+        would_refuse=would,
+    )
     return await _run_shielded(state, exchange)
+
+
+def _client_deadline(rules: Rules, route: Route, started: float) -> float:
+    """Shortly before the reservation's expiry: by then the response must be delivered."""
+    grace = rules.document.ledger.reservation_grace_seconds
+    return started + route.upstream.timeout_seconds + max(grace - 5, grace / 2)
 
 
 def _limit_code(limit: str) -> str:
@@ -287,6 +317,7 @@ class Exchange:
     started: float
     admission: Admission
     outcome: ReserveOutcome | None  # None: a shadow-mode route
+    client_deadline: float  # monotonic: past it, a client that does not read counts as gone
     would_refuse: list[str] = field(default_factory=list)  # shadow mode: what gates said
     client_gone: bool = False
     charged: int = 0
@@ -377,8 +408,19 @@ class Exchange:
         # settlement; a sized body ends with its last byte, so that byte is held back.
         to_go = upstream.content_length
         held_back = b""
+        # The upstream's timeout counts only the time spent waiting for the upstream, never
+        # the time spent waiting for the client to read.
+        upstream_left = self.route.upstream.timeout_seconds - (time.monotonic() - upstream_started)
+        chunks = upstream.content.iter_any().__aiter__()
         try:
-            async for chunk in upstream.content.iter_any():
+            while True:
+                waited = time.monotonic()
+                try:
+                    async with asyncio.timeout(max(upstream_left, 0.001)):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                upstream_left -= time.monotonic() - waited
                 if to_go is not None:
                     to_go -= len(chunk)
                     if to_go <= 0:
@@ -413,7 +455,19 @@ class Exchange:
             write.close()
             return
         try:
-            await write
+            # A client that stops reading must not hold the settlement past the
+            # reservation's expiry (the sweeper would refund what it then receives).
+            await asyncio.wait_for(
+                write, timeout=max(self.client_deadline - time.monotonic(), 0.001)
+            )
+        except TimeoutError:
+            self.client_gone = True
+            log.warning(
+                "client stopped reading request_id=%s; dropping it and settling by the upstream",
+                self.caller.request_id,
+            )
+            if self.request.transport is not None:
+                self.request.transport.abort()
         except _CLIENT_GONE as exc:
             self.client_gone = True
             log.info(

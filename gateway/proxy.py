@@ -45,12 +45,26 @@ GATEWAY_REQUEST_HEADERS = frozenset(
         "x-gateway-organization",
         "x-gateway-user",
         "x-gateway-roles",
+        "forwarded",
     }
 )
 # Set by the gateway for the client; an upstream must not be able to forge them.
 GATEWAY_RESPONSE_HEADERS = frozenset(
-    {"x-tokens-charged", "x-tokens-remaining", "x-reservation-id", "x-request-id"}
+    {
+        "x-tokens-charged",
+        "x-tokens-remaining",
+        "x-tokens-warning",
+        "x-reservation-id",
+        "x-request-id",
+        "ratelimit",
+        "ratelimit-policy",
+    }
 )
+
+
+def _canonical(name: str) -> str:
+    # Many servers (CGI, WSGI, some proxies) read X-Gateway_User as X-Gateway-User.
+    return name.lower().replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ def upstream_request_headers(
     drop = HOP_BY_HOP | GATEWAY_REQUEST_HEADERS | _connection_tokens(request.headers)
     if not route.config.forward_authorization:
         drop = drop | {"authorization"}
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if _canonical(k) not in drop)
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -92,7 +106,7 @@ def upstream_request_headers(
 
 def client_response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | GATEWAY_RESPONSE_HEADERS | _connection_tokens(upstream.headers)
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if _canonical(k) not in drop)
 
 
 def new_session(*, max_connections: int = 1000) -> aiohttp.ClientSession:
@@ -130,18 +144,19 @@ async def open_upstream(
     to read (the caller must release it). Raises ``UpstreamTimeout`` or ``UpstreamError``."""
     upstream = route.upstream
     url = URL(upstream.url + request.raw_path, encoded=True)
-    timeout = aiohttp.ClientTimeout(
-        total=upstream.timeout_seconds, sock_connect=upstream.connect_timeout_seconds
-    )
+    # No total timeout here: the caller budgets the upstream's time over its own reads
+    # only, so that a slow client cannot make the upstream look late.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds)
     data = _body(request) if request.body_exists else None
     try:
-        return await session.request(
-            request.method,
-            url,
-            headers=upstream_request_headers(request, route, caller),
-            data=data,
-            timeout=timeout,
-            allow_redirects=False,
-        )
+        async with asyncio.timeout(upstream.timeout_seconds):
+            return await session.request(
+                request.method,
+                url,
+                headers=upstream_request_headers(request, route, caller),
+                data=data,
+                timeout=timeout,
+                allow_redirects=False,
+            )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise map_client_error(exc, route.config.upstream) from exc

@@ -69,8 +69,10 @@ class GatewayState:
         self._plans[org] = (now + PLAN_CACHE_SECONDS, plan)
         return plan
 
-    async def limits_for(self, org: str, route: Route) -> Effective:
-        rules = self.rules
+    async def limits_for(self, org: str, route: Route, rules: Rules | None = None) -> Effective:
+        """The limits of ``route`` for ``org`` under ``rules`` (the request's snapshot:
+        ``route`` belongs to it), cached per rules in force."""
+        rules = rules or self.rules
         config = rules.document.limits
         plan = await self.plan_of(org) if config.plans else None
         if self._limits_rules is not rules:

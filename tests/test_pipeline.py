@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import build_app
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
-from gateway.rules import Rules
+from gateway.rules import Rules, parse_rules
 from gateway.state import STATE
 from tests.conftest import ENVIRON, Clock, Gateway, bearer, rules_yaml, token
 from tests.relay import Relay
@@ -496,3 +496,63 @@ async def test_user_and_team_quotas_hold_under_concurrency(
     await ledger.set_quota("acme", "user:alice", "general", None, actor="test")
     assert await one("alice") == (200, "ok")
     assert await gateway.available("acme", "general") == 100 - 10 - 5 - 1 - 1
+
+
+async def test_a_slow_reader_is_charged_not_refunded(gateway: Gateway) -> None:
+    """The upstream answers 8 MiB at once; the client takes longer than the upstream's
+    1.5 s timeout to read it. The upstream was on time: the charge stands."""
+    before = await gateway.available("acme", "general")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url(f"/v1/chat/big?size={8 * 1024 * 1024}"), json={}, headers=bearer()
+        ) as resp,
+    ):
+        assert resp.status == 200
+        received = 0
+        while chunk := await resp.content.read(256 * 1024):
+            received += len(chunk)
+            await asyncio.sleep(0.08)  # about 3 MB/s: some 2.6 s in all
+    assert received == 8 * 1024 * 1024
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before - 1
+    assert (await gateway.journal_kinds("acme"))[-1] == "commit"
+
+
+async def test_a_client_that_stalls_is_dropped_and_the_answer_still_charged(
+    ledger: Ledger, limiter: Limiter, upstream: tuple[Upstream, str], clock: Clock
+) -> None:
+    """A client that stops reading cannot hold the settlement until the reservation
+    expires (the sweeper would then refund what it receives later)."""
+    text = rules_yaml(upstream[1]).replace(
+        "reservation_grace_seconds: 30", "reservation_grace_seconds: 1"
+    )
+    rules = parse_rules(text.encode())
+    await ledger.create_org("acme", "pro")
+    app = build_app(rules, ledger, limiter, environ=ENVIRON, sweeper=False)
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), read_bufsize=2**16
+        ) as session:
+            resp = await session.post(
+                str(client.make_url(f"/v1/chat/big?size={32 * 1024 * 1024}")),
+                json={},
+                headers=bearer(),
+            )
+            assert resp.status == 200
+            await resp.content.read(64 * 1024)
+            await asyncio.sleep(3.0)  # stalls past the deadline (1.5 s + 0.5 s) ...
+            # ... and past the reservation's expiry (2.5 s): had the gateway waited for this
+            # client, the sweeper would refund the reservation now.
+            assert await ledger.expire_overdue() == 0
+            resp.close()
+        for task in list(app[STATE].inflight):
+            await asyncio.wait_for(task, timeout=10)
+        kinds = [r["kind"] for r in reversed(await ledger.journal("acme", limit=10))]
+        assert kinds[-2:] == ["reserve", "commit"]
+        clock.advance(seconds=60)
+        assert await ledger.expire_overdue() == 0
+    finally:
+        await client.close()

@@ -75,6 +75,9 @@ class Upstream:
             await response.write_eof()
             self.finished.append(request.path)
             return response
+        if "size" in q:  # a large answer, sent as fast as the connection takes it
+            self.finished.append(request.path)
+            return web.Response(body=b"x" * int(q["size"]), content_type="application/octet-stream")
         status = int(q.get("status", "200"))
         payload = {
             "method": request.method,

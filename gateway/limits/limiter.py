@@ -256,7 +256,7 @@ class Limiter:
         if gap is not None:
             key = self._key(org, "gap", self._subject(gap.per, user), _clean(token_type))
             admitted, retry_ms = await self._run(
-                "min_interval", [key], [now, int(gap.seconds * 1000)]
+                "min_interval", [key], [now, max(1, int(gap.seconds * 1000))]
             )
             if not admitted:
                 raise TooFrequent(
@@ -311,7 +311,7 @@ class Limiter:
         if gap is not None:
             key = self._key(org, "gap", self._subject(gap.per, user), _clean(token_type))
             admitted, retry_ms = await self._run(
-                "min_interval", [key], [now, int(gap.seconds * 1000), "dry"]
+                "min_interval", [key], [now, max(1, int(gap.seconds * 1000)), "dry"]
             )
             detail = "free" if admitted else f"retry in {_retry_seconds(retry_ms)}s"
             verdicts.append(

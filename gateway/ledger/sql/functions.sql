@@ -409,7 +409,7 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM plans WHERE name = p_plan) THEN
         RETURN 'unknown_plan';
     END IF;
-    SELECT plan INTO v_old FROM organizations WHERE id = p_org FOR UPDATE;
+    SELECT plan INTO v_old FROM organizations WHERE id = p_org FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN 'not_found';
     END IF;
@@ -596,7 +596,7 @@ RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_old text;
 BEGIN
-    SELECT license_state INTO v_old FROM organizations WHERE id = p_org FOR UPDATE;
+    SELECT license_state INTO v_old FROM organizations WHERE id = p_org FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN 'not_found';
     END IF;
@@ -713,7 +713,7 @@ BEGIN
         RETURN 'duplicate';
     END IF;
     SELECT * INTO v_org FROM organizations
-        WHERE id = p_org OR (p_org IS NULL AND stripe_customer = p_customer) FOR UPDATE;
+        WHERE id = p_org OR (p_org IS NULL AND stripe_customer = p_customer) FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         v_status := 'unknown_organization';
     ELSE
