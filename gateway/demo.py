@@ -133,6 +133,7 @@ async def _tour(ledger: Ledger, base: str, pro: str, starter: str) -> bool:
             json={"horizon": "Q3"},
             headers={"Authorization": f"Bearer {pro}"},
         ) as resp:
+            await resp.read()  # the settlement is final once the answer has been read
             forecast_after = await _available(ledger, PRO_ORG, "forecast")
             _say(
                 f"\n2. The backend fails (503): X-Tokens-Charged: "
