@@ -1,21 +1,35 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium for the dashboard's browser tests, once. Idempotent; never
-# downloads a browser of its own (Playwright drives this one).
+# Installs Debian's Chromium (/usr/bin/chromium) for the dashboard's browser tests, once.
+# Idempotent: does nothing when it is already there. Never downloads a browser of its own
+# (Playwright drives this one; `playwright install` is not used).
+#
+# Exits 0 when /usr/bin/chromium is there at the end, 1 otherwise, saying why. The tests
+# skip without Chromium, except under CI, where they fail.
 set -euo pipefail
-if [ -x /usr/bin/chromium ]; then
+
+CHROMIUM=/usr/bin/chromium
+
+if [ -x "$CHROMIUM" ]; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-browser: no apt-get here; install Chromium yourself (tests skip without it)" >&2
-  exit 0
+  echo "install-browser: no apt-get here; install Chromium as $CHROMIUM yourself" >&2
+  exit 1
 fi
-SUDO=""
-if [ "$(id -u)" != 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "install-browser: not root and no sudo; the dashboard tests will skip" >&2
-    exit 0
-  fi
+if [ "$(id -u)" = 0 ]; then
+  as_root=()
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  as_root=(sudo -n) # never wait for a password prompt nobody will answer
+else
+  echo "install-browser: not root and no password-less sudo; run as root: apt-get install chromium" >&2
+  exit 1
 fi
+
 echo "== installing Debian's chromium for the dashboard tests"
-$SUDO apt-get update -q >/dev/null
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+"${as_root[@]}" apt-get update -q
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
+if [ ! -x "$CHROMIUM" ]; then
+  echo "install-browser: apt-get installed chromium but $CHROMIUM is missing" >&2
+  exit 1
+fi

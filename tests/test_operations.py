@@ -282,6 +282,7 @@ async def test_metrics_after_a_scripted_run(gateway: object) -> None:
     assert (await client.post("/v1/forecasts?status=500", json={}, headers=bearer())).status == 500
     assert (await client.post("/v1/chat/x", json={}, headers=bearer("freeloader"))).status == 403
     assert (await client.post("/v1/chat/x", json={})).status == 401
+    await gateway.settled()  # requests are counted as their exchange ends
     resp = await client.get("/metrics")
     assert resp.headers["Content-Type"].startswith("text/plain")
     m = parse_metrics(await resp.text())
