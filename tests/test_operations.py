@@ -201,12 +201,15 @@ async def test_shadow_route_is_forwarded_journaled_and_counted(
     client, ledger, backend = gateway_with_shadow
     before = {a.token_type: a.available for a in await ledger.balances("acme")}
     resp = await client.post("/v1/shadowed", json={}, headers=bearer())
+    await resp.read()  # settled (journaled) once the answer has been read
     assert resp.status == 200 and resp.headers["X-Tokens-Charged"] == "0"
     # Would be refused (starter has no forecast), forwarded anyway.
     resp = await client.post("/v1/shadowed", json={}, headers=bearer("freeloader", "bob"))
+    await resp.read()
     assert resp.status == 200
     # No token at all: would be a 401, forwarded anyway.
     resp = await client.post("/v1/shadowed", json={})
+    await resp.read()
     assert resp.status == 200
     assert len(backend.seen) == 3
     after = {a.token_type: a.available for a in await ledger.balances("acme")}
