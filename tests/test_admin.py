@@ -97,6 +97,7 @@ async def test_admin_manages_an_organization(
 
     # A charge made through the proxy, given back once.
     resp = await client.post("/v1/leads/generate", json={}, headers=bearer("acme", "bob"))
+    await resp.read()  # settled once the answer has been read
     rid = resp.headers["X-Reservation-Id"]
     assert resp.status == 200
     status, refunded = await call(
