@@ -163,6 +163,13 @@ def _feature(state: GatewayState, name: object) -> Route:
     raise InvalidRequest(f"unknown feature '{name}'; features are the routes: {known}")
 
 
+def _metadata(body: dict[str, Any]) -> dict[str, Any] | None:
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidRequest("'metadata' must be a JSON object")
+    return metadata
+
+
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX):
@@ -294,9 +301,7 @@ async def check_balance(request: web.Request) -> web.Response:
             return web.json_response(await _check(state, caller, route))
         if action != "deduct":
             raise InvalidRequest("'action' must be 'check' or 'deduct'")
-        metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidRequest("'metadata' must be a JSON object")
+        metadata = _metadata(body)
         key = _idempotency_key(request)
         await _admit(state, caller, route, route.upstream.timeout_seconds)
         outcome = await reserve(
@@ -397,9 +402,7 @@ async def create_reservation(request: web.Request) -> web.Response:
             or not 0 < ttl <= MAX_TTL_SECONDS
         ):
             raise InvalidRequest(f"'ttl_seconds' must be a number from 1 to {MAX_TTL_SECONDS}")
-        metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise InvalidRequest("'metadata' must be a JSON object")
+        metadata = _metadata(body)
         key = _idempotency_key(request)
         await _admit(state, caller, route, float(ttl))
         outcome = await reserve(
