@@ -1,7 +1,7 @@
 -- wrk script for bench/run.py: every request is a small non-streamed chat completion.
 --
--- The body comes from $BENCH_BODY when set (bench/run.py sets it), so that run.py holds
--- the one copy; the default below is the same body, for running wrk by hand:
+-- The body comes from $BENCH_BODY when set (the bench sets it from bench/workload.py,
+-- which holds the one copy); the default below is the same body, for running wrk by hand:
 --
 --   wrk -t2 -c32 -d10s --latency -s bench/post.lua \
 --       -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8080/v1/chat/completions

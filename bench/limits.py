@@ -1,0 +1,96 @@
+"""The rules the gateway runs with during a benchmark: the given rules with their ``limits``
+adjusted by ``--limits`` so that one user's load is (or is not) refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.workload import PLAN
+
+# --limits bench: what rate limits and concurrency caps become, so that one user's load is
+# never refused while every check still runs.
+UNBOUND_RATE = "1000000/second"
+UNBOUND_CONCURRENCY = 1_000_000
+# What the gateway applies when rules.yaml says nothing (gateway/limits/config.py).
+BUILTIN_LIMITS: dict[str, Any] = {
+    "rate": [{"limit": "30/minute", "per": "user"}],
+    "min_interval": {"seconds": 3, "per": "user"},
+    "concurrency": None,
+}
+LIMITS_MODES = {
+    "bench": "rules.yaml's limits with rate limits and concurrency caps raised out of reach "
+    "and min_interval off, so that one user can load the gateway; blocks, rate checks and "
+    "spike accounting still run on Redis",
+    "off": "every limit off (no Redis round trip): the cost of metering alone",
+    "rules": "rules.yaml as it is: its per-user limits refuse a load test within seconds",
+}
+
+
+def _rates(value: object) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    items: list[Any] = value if isinstance(value, list) else [value]
+    return [{"limit": r} if isinstance(r, str) else dict(r) for r in items]
+
+
+def loosened(level: dict[str, Any]) -> dict[str, Any]:
+    """The same kinds of limit, none of which can refuse the bench's load."""
+    out = dict(level)
+    if "rate" in out:
+        out["rate"] = [{**r, "limit": UNBOUND_RATE} for r in _rates(out["rate"])]
+    if "min_interval" in out:
+        out["min_interval"] = None  # no interval is short enough for concurrent requests
+    if isinstance(out.get("concurrency"), dict):
+        out["concurrency"] = {**out["concurrency"], "max": UNBOUND_CONCURRENCY}
+    return out
+
+
+def adjust_limits(doc: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``doc`` (a parsed rules file, changed in place and returned) with its ``limits``
+    adjusted by ``mode``, one of LIMITS_MODES other than ``rules``."""
+    limits = dict(doc.get("limits") or {})
+    routes = doc.get("routes") or []
+    if mode == "off":
+        limits["default"] = {"rate": [], "min_interval": None, "concurrency": None}
+        limits["plans"] = {}
+        limits["blocks"] = None
+        limits["spike"] = None
+        for route in routes:
+            route.pop("limits", None)
+    else:
+        default = limits.get("default") or {}
+        plans = dict(limits.get("plans") or {})
+        plan = plans.get(PLAN) or {}
+        # Kind by kind, what the plan gets today (its own, else the default, else built in).
+        effective = {
+            kind: plan.get(kind, default.get(kind, builtin))
+            for kind, builtin in BUILTIN_LIMITS.items()
+        }
+        plans[PLAN] = loosened(effective)
+        limits["plans"] = plans
+        for route in routes:
+            if isinstance(route.get("limits"), dict):
+                route["limits"] = loosened(route["limits"])
+    doc["limits"] = limits
+    return doc
+
+
+def bench_rules(source: Path, mode: str, dest: Path) -> Path:
+    """The rules file the gateway runs with: ``source`` itself for ``rules``, else a copy
+    at ``dest`` with its limits adjusted (and a relative ``public_key_file`` made absolute,
+    since the copy lives elsewhere)."""
+    if mode == "rules":
+        return source
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    auth = doc.get("auth") or {}
+    key_file = auth.get("public_key_file")
+    if isinstance(key_file, str) and not Path(key_file).is_absolute():
+        auth["public_key_file"] = str(source.parent / key_file)
+    dest.write_text(
+        f"# {source} for bench/run.py --limits {mode}: {LIMITS_MODES[mode]}\n"
+        + yaml.safe_dump(adjust_limits(doc, mode), sort_keys=False)
+    )
+    return dest
