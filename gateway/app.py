@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import time
@@ -13,35 +12,30 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from gateway.api.admin import add_routes as add_admin_routes
-from gateway.api.usage import Thresholds
-from gateway.api.usage import add_routes as add_usage_routes
-from gateway.auth import Authenticator
+from gateway.alerts import Thresholds
+from gateway.api.admin import admin_app
+from gateway.api.dashboard import dashboard, dashboard_asset
+from gateway.api.reservations import create_reservation, settle_reservation
+from gateway.api.stats import stats
+from gateway.api.tokens import check_balance
 from gateway.billing.checkout import create_checkout
 from gateway.billing.stripe_webhooks import stripe_webhook
 from gateway.errors import ConfigError, GatewayError, LedgerUnavailable
-from gateway.explain import explain
 from gateway.ledger import Ledger
-from gateway.limits.alerts import Alerter
 from gateway.limits.limiter import Limiter
 from gateway.metrics import Metrics
+from gateway.middleware import problems
 from gateway.pipeline import handle
 from gateway.proxy import new_session
 from gateway.rules import Rules, load_rules
-from gateway.state import STATE, Active, GatewayState
+from gateway.runtime import build_active
+from gateway.state import STATE, GatewayState
 
 log = logging.getLogger("gateway.app")
 
 WATCH_INTERVAL_SECONDS = 1.0
-
-
-class Forbidden(GatewayError):
-    status = 403
-    code = "admin_only"
-    title = "Operators only"
 
 
 def build_app(
@@ -57,10 +51,15 @@ def build_app(
     ``ConfigError`` when the rules' keys cannot be loaded. The ledger and the limiter stay
     the caller's to close. With ``watch``, that rules file is reloaded when it changes."""
     env = os.environ if environ is None else environ
-    app = web.Application()
+    app = web.Application(middlewares=[problems])
     session = new_session()
+    try:
+        active = build_active(rules, env, session)
+    except ConfigError:
+        session.detach()  # nothing went through it: closed without awaiting, no warning
+        raise
     app[STATE] = GatewayState(
-        active=_activate(rules, session, env),
+        active=active,
         ledger=ledger,
         session=session,
         limiter=limiter,
@@ -78,27 +77,21 @@ def build_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/v1/admin/rules", _admin_rules)
-    app.router.add_get("/v1/admin/explain", _admin_explain)
-    add_usage_routes(app)
-    add_admin_routes(app)
+    app.router.add_get("/v1/tokens/stats", stats)
+    app.router.add_post("/v1/tokens/check-balance", check_balance)
+    app.router.add_post("/v1/tokens/reservations", create_reservation)
+    app.router.add_post(r"/v1/tokens/reservations/{id}/{action:commit|refund}", settle_reservation)
+    app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/dashboard/{name}", dashboard_asset)
     app.router.add_post("/v1/billing/stripe/webhook", stripe_webhook)
     app.router.add_post("/v1/billing/checkout", create_checkout)
+    app.add_subapp("/v1/admin/", admin_app())
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
 ENVIRON = web.AppKey("environ", Mapping[str, str])
 WATCHED = web.AppKey("watched", Path)
-
-
-def _activate(rules: Rules, session: aiohttp.ClientSession, env: Mapping[str, str]) -> Active:
-    return Active(
-        rules=rules,
-        auth=Authenticator(rules.document.auth, environ=env),
-        alerter=Alerter(rules.document.limits.spike, session, env),
-        loaded_at=time.time(),
-    )
 
 
 async def reload_rules(app: web.Application, path: Path) -> dict[str, Any]:
@@ -111,7 +104,7 @@ async def reload_rules(app: web.Application, path: Path) -> dict[str, Any]:
         rules = await asyncio.to_thread(load_rules, path)
         if rules.version == old.rules.version:
             return state.last_reload
-        active = _activate(rules, state.session, app[ENVIRON])
+        active = build_active(rules, app[ENVIRON], state.session)
         await state.ledger.sync_plans(rules.plan_allowances())
     except (ConfigError, LedgerUnavailable) as exc:
         errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -217,69 +210,6 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body, content_type = request.app[STATE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def require_admin(request: web.Request) -> str:
-    """The caller's name if it may use /v1/admin/: the GATEWAY_ADMIN_TOKEN, or a JWT with
-    the configured admin role. Raises InvalidToken or Forbidden."""
-    header = request.headers.get("Authorization", "")
-    admin_token = request.app[ENVIRON].get("GATEWAY_ADMIN_TOKEN")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if admin_token and given and hmac.compare_digest(given.encode(), admin_token.encode()):
-        return "admin-token"
-    state = request.app[STATE]
-    principal = await state.active.auth.authenticate(header or None)
-    role = state.rules.document.auth.admin_role
-    if role not in principal.roles:
-        raise Forbidden(f"this endpoint needs the '{role}' role")
-    return f"{principal.org}/{principal.user}"
-
-
-async def _admin_rules(request: web.Request) -> web.Response:
-    try:
-        await require_admin(request)
-    except GatewayError as exc:
-        return exc.response(instance=request.path)
-    state = request.app[STATE]
-    rules = state.rules
-    return web.json_response(
-        {
-            "version": rules.version,
-            "source": rules.source,
-            "loaded_at": state.active.loaded_at,
-            "last_reload": state.last_reload or None,
-            "rules": rules.document.model_dump(mode="json"),
-        }
-    )
-
-
-async def _admin_explain(request: web.Request) -> web.Response:
-    try:
-        await require_admin(request)
-    except GatewayError as exc:
-        return exc.response(instance=request.path)
-    state = request.app[STATE]
-    method = request.query.get("method", "POST").upper()
-    path = request.query.get("path")
-    if not path:
-        return InvalidQuery("give ?method=POST&path=/v1/...&token=<jwt>").response()
-    report = await explain(
-        state.rules,
-        method,
-        path,
-        token=request.query.get("token"),
-        auth=state.active.auth,
-        ledger=state.ledger,
-        limiter=state.limiter,
-        limits_for=state.limits_for,
-    )
-    return web.json_response(report)
-
-
-class InvalidQuery(GatewayError):
-    status = 400
-    code = "invalid_request"
-    title = "Invalid request"
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:

@@ -26,42 +26,33 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import aiohttp
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from jwt.algorithms import HMACAlgorithm
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.types import Options
 
+from gateway.auth_keys import (
+    HMAC_KEY_BYTES,
+    MIN_RSA_BITS,
+    PUBLIC_KEY_TYPES,
+    PublicKey,
+    describe,
+    fits,
+    load_public_key,
+    load_secret,
+    shown,
+)
 from gateway.errors import ConfigError, InvalidToken
 from gateway.rules import AuthConfig, ClaimsConfig
 
 log = logging.getLogger("gateway.auth")
 
-MIN_SECRET_BYTES = 32
-# RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
-HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
-# NIST SP 800-131A; PyJWT warns on every verification with a shorter RSA key.
-MIN_RSA_BITS = 2048
 JWKS_REFETCH_INTERVAL = 10.0
 JWKS_TIMEOUT_SECONDS = 5.0
 JWKS_MAX_BYTES = 1 << 20
-
-PublicKey = (
-    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
-)
-_PUBLIC_KEY_TYPES = (
-    rsa.RSAPublicKey,
-    ec.EllipticCurvePublicKey,
-    ed25519.Ed25519PublicKey,
-    ed448.Ed448PublicKey,
-)
-_EC_CURVES: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 
 
 @dataclass(frozen=True)
@@ -70,8 +61,8 @@ class Principal:
 
     org: str
     user: str
-    roles: frozenset[str]
-    claims: Mapping[str, Any] = field(compare=False, repr=False)
+    roles: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -102,7 +93,7 @@ class Authenticator:
         self._clock = clock
         errors: list[str] = []
         env = os.environ if environ is None else environ
-        self._secret = _load_secret(config, env, errors) if config.symmetric else None
+        self._secret = load_secret(config, env, errors) if config.symmetric else None
         self._public_key: PublicKey | None = None
         self._jwks_url: str | None = None
         if config.asymmetric:
@@ -122,7 +113,7 @@ class Authenticator:
                 else:
                     errors.append("auth.jwks_url: must be an http:// or https:// URL")
             else:
-                self._public_key = _load_public_key(config, errors)
+                self._public_key = load_public_key(config, errors)
         if errors:
             raise ConfigError("auth", errors)
 
@@ -151,7 +142,7 @@ class Authenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._config.algorithms:
             raise InvalidToken(
-                f"token algorithm {_shown(alg)} is not accepted "
+                f"token algorithm {shown(alg)} is not accepted "
                 f"(accepted: {', '.join(self._config.algorithms)})"
             )
         key: bytes | PublicKey
@@ -197,18 +188,18 @@ class Authenticator:
         if isinstance(user, bool) or not isinstance(user, str | int):
             raise InvalidToken(f"token's user claim '{paths.user}' must be a string")
         return Principal(
-            org=org,
-            user=str(user),
+            org=_identifier(org, "organization", paths.organization),
+            user=_identifier(str(user), "user", paths.user),
             roles=_roles(_claim(payload, paths.roles), paths.roles),
             claims=MappingProxyType(payload),
         )
 
     async def _public_key_for(self, alg: str, kid: str | None) -> PublicKey:
         if self._public_key is not None:
-            if not _fits(self._public_key, alg):
+            if not fits(self._public_key, alg):
                 raise InvalidToken(
                     f"token algorithm {alg} does not match the configured "
-                    f"{_describe(self._public_key)} key"
+                    f"{describe(self._public_key)} key"
                 )
             return self._public_key
 
@@ -229,11 +220,11 @@ class Authenticator:
                     f"token has no kid header and the key set holds {len(self._jwks_keys)} "
                     f"{alg} keys"
                 )
-            raise InvalidToken(f"no {alg} signing key with kid {_shown(kid)} in the key set")
+            raise InvalidToken(f"no {alg} signing key with kid {shown(kid)} in the key set")
         return found
 
     def _find_jwk(self, alg: str, kid: str | None) -> PublicKey | None:
-        fitting = [k for k in self._jwks_keys or [] if k.alg in (None, alg) and _fits(k.key, alg)]
+        fitting = [k for k in self._jwks_keys or [] if k.alg in (None, alg) and fits(k.key, alg)]
         for candidate in fitting:
             if kid is not None and candidate.kid == kid:
                 return candidate.key
@@ -308,7 +299,7 @@ class Authenticator:
         if not isinstance(jwk, dict):
             return None
         kid = jwk.get("kid")
-        name = f"key {_shown(kid)}" if isinstance(kid, str) else f"keys[{index}]"
+        name = f"key {shown(kid)}" if isinstance(kid, str) else f"keys[{index}]"
         if jwk.get("use") not in (None, "sig") or jwk.get("kty") == "oct":
             # Encryption keys are not for verifying; a symmetric key published in a key set
             # would reopen HS/RS confusion.
@@ -320,7 +311,7 @@ class Authenticator:
             log.warning("skipping %s of %s: %s", name, self._jwks_url, exc)
             return None
         key = parsed.key
-        if not isinstance(key, _PUBLIC_KEY_TYPES):
+        if not isinstance(key, PUBLIC_KEY_TYPES):
             log.warning("skipping %s of %s: not a public key", name, self._jwks_url)
             return None
         if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
@@ -333,7 +324,7 @@ class Authenticator:
             )
             return None
         alg = jwk.get("alg")
-        if not any(alg in (None, a) and _fits(key, a) for a in self._config.asymmetric):
+        if not any(alg in (None, a) and fits(key, a) for a in self._config.asymmetric):
             log.debug("skipping %s of %s: fits no configured algorithm", name, self._jwks_url)
             return None
         return _SigningKey(kid=parsed.key_id, alg=alg if isinstance(alg, str) else None, key=key)
@@ -403,6 +394,20 @@ def _explain(exc: jwt.PyJWTError) -> str:
     return f"invalid token: {exc}"
 
 
+def _identifier(value: str, what: str, path: str) -> str:
+    """An organization or user id the ledger can store: no NUL, no lone surrogate, no
+    control characters, at most 200 characters."""
+    if len(value) > 200:
+        raise InvalidToken(f"token's {what} claim '{path}' is longer than 200 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidToken(f"token's {what} claim '{path}' contains a control character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidToken(f"token's {what} claim '{path}' contains a lone surrogate") from None
+    return value
+
+
 def _claim(node: Any, path: str) -> Any:
     """The value at a dotted path, or None. A key that itself holds dots (Auth0's
     ``https://example.com/org``) is matched whole, longest first, before splitting."""
@@ -441,90 +446,3 @@ def _roles(value: Any, path: str) -> frozenset[str]:
     raise InvalidToken(
         f"token's roles claim '{path}' must be a list of strings or a space-separated string"
     )
-
-
-def _fits(key: PublicKey, alg: str) -> bool:
-    """Whether ``key`` can verify ``alg``; PyJWT would raise TypeError, not refuse, on a
-    mismatch such as an EC key for RS256."""
-    if alg.startswith(("RS", "PS")):
-        return isinstance(key, rsa.RSAPublicKey)
-    if alg in _EC_CURVES:
-        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, _EC_CURVES[alg])
-    if alg == "EdDSA":
-        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
-    return False
-
-
-def _describe(key: PublicKey) -> str:
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"RSA-{key.key_size}"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return f"EC {key.curve.name}"
-    return "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
-
-
-def _shown(value: object) -> str:
-    """A client-supplied value, quoted and cut short, for error details and logs."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _load_secret(config: AuthConfig, environ: Mapping[str, str], errors: list[str]) -> bytes:
-    name = config.secret_env
-    value = environ.get(name, "")
-    if not value:
-        errors.append(f"auth.secret_env: environment variable {name} is not set")
-        return b""
-    secret = value.encode()
-    strongest = max(config.symmetric, key=HMAC_KEY_BYTES.__getitem__)
-    need = max(MIN_SECRET_BYTES, HMAC_KEY_BYTES[strongest])
-    if len(secret) < need:
-        errors.append(
-            f"auth.secret_env: the secret in {name} must be at least {need} bytes"
-            + (f" for {strongest}" if need > MIN_SECRET_BYTES else "")
-        )
-    try:
-        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
-    except jwt.InvalidKeyError:
-        errors.append(
-            f"auth.secret_env: the secret in {name} is an asymmetric key; "
-            "HMAC secrets must not be public keys"
-        )
-    return secret
-
-
-def _load_public_key(config: AuthConfig, errors: list[str]) -> PublicKey | None:
-    if config.public_key is not None:
-        where, pem = "auth.public_key", config.public_key.encode()
-    else:
-        assert config.public_key_file is not None
-        where = "auth.public_key_file"
-        try:
-            pem = Path(config.public_key_file).read_bytes()
-        except OSError as exc:
-            errors.append(f"{where}: cannot read {config.public_key_file}: {exc.strerror}")
-            return None
-    try:
-        key = load_pem_public_key(pem)
-    except (ValueError, UnsupportedAlgorithm):
-        if b"PRIVATE KEY-----" in pem:
-            errors.append(f"{where}: is a private key; give the public key")
-        else:
-            errors.append(f"{where}: is not a PEM public key")
-        return None
-    if not isinstance(key, _PUBLIC_KEY_TYPES):
-        errors.append(f"{where}: a {type(key).__name__} cannot verify JWTs")
-        return None
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        errors.append(
-            f"{where}: the RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are required"
-        )
-        return None
-    unfit = [a for a in config.asymmetric if not _fits(key, a)]
-    if unfit:
-        errors.append(
-            f"{where}: an {_describe(key)} key cannot verify {', '.join(unfit)}; "
-            "list only algorithms the key fits"
-        )
-        return None
-    return key

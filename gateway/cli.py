@@ -4,30 +4,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
-import secrets
 import signal
-import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from gateway import __version__
-from gateway.embedded import EmbeddedUnavailable, start_postgres, start_valkey
+from gateway.app import build_app, reload_rules
+from gateway.auth import mint_token
+from gateway.demo import run_demo
+from gateway.embedded import EmbeddedUnavailable
 from gateway.errors import ConfigError, LedgerError, LedgerUnavailable
+from gateway.explain import explain, render
 from gateway.ledger import Ledger
-from gateway.limits.config import Effective
-from gateway.limits.limiter import Limiter
+from gateway.limits.config import Effective, effective
 from gateway.logs import configure as configure_logs
+from gateway.proxy import new_session
 from gateway.rules import Route, Rules, load_rules
+from gateway.runtime import (
+    CommandError,
+    build_active,
+    check_serving,
+    die_with_parent,
+    listening,
+    open_ledger,
+    open_limiter,
+    run_async,
+    wait_for_signal,
+)
 from gateway.settings import Settings
+from gateway.workers import supervise
 
 log = logging.getLogger("gateway.cli")
 
@@ -44,10 +56,6 @@ environment:
   GATEWAY_LOG_FORMAT  json (default for serve) or text (default for everything else)
   GATEWAY_ADMIN_TOKEN a bearer token that opens /v1/admin/ (besides the admin role)
 """
-
-
-class CommandError(Exception):
-    """A command failed in a way the operator can fix; the message says how."""
 
 
 def parse_duration(text: str) -> int:
@@ -69,6 +77,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+RULES_HELP = "rules file (default: $GATEWAY_RULES or ./rules.yaml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -77,12 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--rules", type=Path, help="rules file (default: $GATEWAY_RULES or ./rules.yaml)"
-    )
+    parser.add_argument("--rules", type=Path, help=RULES_HELP)
+    # Every command takes --rules after its name too; SUPPRESS keeps a value given before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--rules", type=Path, default=argparse.SUPPRESS, help=RULES_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    def cmd(group: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help, **kw)
+        return parser
+
+    def actions(name: str, help: str) -> Any:
+        dest = f"{name}_command"
+        return cmd(sub, name, help).add_subparsers(dest=dest, required=True, metavar="ACTION")
+
+    p = cmd(
+        sub,
         "serve",
         help="run the proxy",
         description="Run the proxy. It reloads its rules file when it changes and on SIGHUP, "
@@ -98,28 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
-    p = sub.add_parser(
-        "demo",
-        help="run the gateway with embedded stores, a sample upstream and a seeded organization",
-    )
+    demo_help = "run the gateway with embedded stores, a sample upstream and seeded organizations"
+    p = cmd(sub, "demo", help=demo_help)
     p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
     p.add_argument(
         "--upstream-port", type=int, default=0, help="sample upstream port (default: any free)"
     )
     p.add_argument("--once", action="store_true", help="run the scripted tour, then exit")
 
-    sub.add_parser("migrate", help="apply database migrations and sync plans from the rules")
+    cmd(sub, "migrate", help="apply database migrations and sync plans from the rules")
 
-    org = sub.add_parser("org", help="manage organizations").add_subparsers(
-        dest="org_command", required=True, metavar="ACTION"
-    )
-    p = org.add_parser("create", help="create an organization on a plan")
+    org = actions("org", "manage organizations")
+    p = cmd(org, "create", help="create an organization on a plan")
     p.add_argument("org")
     p.add_argument("--plan", required=True)
-    p = org.add_parser("set-plan", help="move an organization to another plan now")
+    p = cmd(org, "set-plan", help="move an organization to another plan now")
     p.add_argument("org")
     p.add_argument("plan")
-    p = org.add_parser(
+    p = cmd(
+        org,
         "set-license",
         help="set the license state: active, past_due (starts the grace period), "
         "suspended or canceled",
@@ -127,18 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("org")
     p.add_argument("state", choices=("active", "past_due", "suspended", "canceled"))
 
-    p = sub.add_parser("grant", help="add purchased (or allowance) tokens to an organization")
+    p = cmd(sub, "grant", help="add purchased (or allowance) tokens to an organization")
     p.add_argument("org")
     p.add_argument("token_type")
     p.add_argument("amount", type=positive_int)
     p.add_argument("--reason", default=None, help="recorded in the journal")
     p.add_argument("--bucket", choices=("purchased", "allowance"), default="purchased")
 
-    quota = sub.add_parser(
-        "quota", help="cap what one user or team may spend of a token type per period"
-    ).add_subparsers(dest="quota_command", required=True, metavar="ACTION")
+    quota = actions("quota", "cap what one user or team may spend of a token type per period")
     for action in ("set", "clear"):
-        p = quota.add_parser(action, help=f"{action} a quota")
+        p = cmd(quota, action, help=f"{action} a quota")
         p.add_argument("org")
         who = p.add_mutually_exclusive_group(required=True)
         who.add_argument("--user")
@@ -146,19 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("token_type")
         if action == "set":
             p.add_argument("amount", type=int)
-    team = sub.add_parser("team", help="manage the teams quotas apply to").add_subparsers(
-        dest="team_command", required=True, metavar="ACTION"
-    )
-    p = team.add_parser("set", help="make a team's members exactly these users")
+    team = actions("team", "manage the teams quotas apply to")
+    p = cmd(team, "set", help="make a team's members exactly these users")
     p.add_argument("org")
     p.add_argument("team")
     p.add_argument("users", nargs="*")
 
-    p = sub.add_parser("balance", help="show an organization's balances")
+    p = cmd(sub, "balance", help="show an organization's balances")
     p.add_argument("org")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("token", help="mint an HS256 token with the configured secret (local use)")
+    p = cmd(sub, "token", help="mint an HS256 token with the configured secret (local use)")
     p.add_argument("--org", required=True)
     p.add_argument("--user", required=True)
     p.add_argument(
@@ -166,27 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--role", action="append", default=[], help="a role claim (repeatable)")
 
-    rules = sub.add_parser("rules", help="check rules files").add_subparsers(
-        dest="rules_command", required=True, metavar="ACTION"
-    )
-    p = rules.add_parser("check", help="validate a rules file; exit 1 listing every error")
-    p.add_argument("file", nargs="?", type=Path)
-    p = rules.add_parser(
-        "explain",
-        help="show which route a request matches and, with a token, each gate's verdict now",
-    )
+    rules = actions("rules", "check rules files")
+    p = cmd(rules, "check", help="check a rules file as serve would load it; exit 1 if not")
+    p.add_argument("file", nargs="?", type=Path, help="default: the --rules file")
+    p = cmd(rules, "explain", help="which route a request matches; with --token, each verdict")
     p.add_argument("method", help="e.g. POST")
     p.add_argument("path", help="e.g. /v1/leads/generate")
     p.add_argument("--token", help="a caller's JWT: adds plan, limits and balance verdicts")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("unblock", help="lift a block set by the abuse limits")
+    p = cmd(sub, "unblock", help="lift a block set by the abuse limits")
     p.add_argument("--org", help="the organization (with --user: one of its users)")
     p.add_argument("--user", help="a user of --org")
     p.add_argument("--ip", help="a client address blocked for repeated invalid tokens")
 
-    sub.add_parser("audit", help="check the ledger's invariants; exit 1 naming each violation")
-    sub.add_parser("sweep", help="expire overdue reservations and refresh ended periods once")
+    cmd(sub, "audit", help="check the ledger's invariants; exit 1 naming each violation")
+    cmd(sub, "sweep", help="expire overdue reservations and refresh ended periods once")
     return parser
 
 
@@ -194,32 +203,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    configure_logs(
-        settings.log_level,
-        settings.log_format or ("json" if args.command == "serve" else "text"),
-    )
+    log_format = settings.log_format or ("json" if args.command == "serve" else "text")
+    configure_logs(settings.log_level, log_format)
     rules_path: Path = args.rules or settings.rules_path
     try:
         return _dispatch(args, settings, rules_path)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    except (CommandError, LedgerUnavailable, EmbeddedUnavailable) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 1
-    except LedgerError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        return 1
+        _fail(args.command, log_format, str(exc), [f"{exc.source}: {e}" for e in exc.errors])
+    except (CommandError, LedgerUnavailable, LedgerError, EmbeddedUnavailable) as exc:
+        _fail(args.command, log_format, str(exc))
     except KeyboardInterrupt:
         return 130
+    return 1
+
+
+def _fail(command: str, log_format: str, message: str, errors: list[str] | None = None) -> None:
+    """Say why the command failed: one line per error for people; one JSON log line when
+    the log is JSON (serve), so that a log collector sees one event."""
+    if log_format != "json":
+        print(message if errors else f"gateway: {message}", file=sys.stderr)
+        return
+    extra = {"event": "command_failed", "command": command} | ({"errors": errors} if errors else {})
+    log.error("; ".join(errors) if errors else message, extra=extra)
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) -> int:
     command = args.command
     if command == "rules" and args.rules_command == "check":
         return _rules_check(args.file or rules_path)
+    if command == "demo":
+        return run_async(run_demo(settings, rules_path, args.port, args.upstream_port, args.once))
     rules = load_rules(rules_path)
-    args.rules_loaded = rules
     if command == "rules":
         return run_async(_explain(settings, rules, args))
     if command == "token":
@@ -229,20 +243,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
     if command == "serve":
         workers = args.workers or os.cpu_count() or 1
         if workers > 1:
-            from gateway.workers import supervise
-
+            run_async(check_serving(rules, os.environ))  # refuse before starting any worker
             return supervise(settings, rules_path, args.host, args.port, workers)
         return run_async(_serve(settings, rules, rules_path, args.host, args.port, args.reuse_port))
-    if command == "demo":
-        from gateway.demo import run_demo
-
-        return run_async(run_demo(settings, rules_path, args.port, args.upstream_port, args.once))
     handlers: dict[str, Callable[[Ledger], Awaitable[int]]] = {
         "migrate": lambda ledger: _migrate(),
         "org": lambda ledger: _org(ledger, args),
         "grant": lambda ledger: _grant(ledger, args),
         "balance": lambda ledger: _balance(ledger, args),
-        "quota": lambda ledger: _quota(ledger, args),
+        "quota": lambda ledger: _quota(ledger, args, rules),
         "team": lambda ledger: _team(ledger, args),
         "audit": _audit,
         "sweep": _sweep,
@@ -260,39 +269,6 @@ async def _migrate() -> int:
     return 0
 
 
-@contextlib.asynccontextmanager
-async def open_ledger(settings: Settings, rules: Rules) -> AsyncIterator[Ledger]:
-    """Connect to the configured (or embedded) PostgreSQL, migrate, and sync plans."""
-    dsn = settings.database_url
-    if dsn is None:
-        dsn = await asyncio.to_thread(start_postgres, settings.data_dir)
-    ledger = await Ledger.connect(dsn, schema=settings.database_schema)
-    try:
-        applied = await ledger.migrate()
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
-        await ledger.sync_plans(rules.plan_allowances())
-        yield ledger
-    finally:
-        await ledger.close()
-
-
-@contextlib.asynccontextmanager
-async def open_limiter(settings: Settings, rules: Rules) -> AsyncIterator[Limiter]:
-    """Connect to the configured (or embedded) Redis."""
-    url, stop = settings.redis_url, None
-    if url is None:
-        url, stop = await asyncio.to_thread(start_valkey, settings.data_dir)
-    assert url is not None
-    limiter = Limiter.from_url(url, rules.document.limits, prefix=settings.redis_prefix)
-    try:
-        yield limiter
-    finally:
-        await limiter.close()
-        if stop is not None:
-            await asyncio.to_thread(stop)
-
-
 async def _unblock(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
     if args.user and not args.org:
         raise CommandError("--user needs --org")
@@ -308,8 +284,10 @@ async def _unblock(settings: Settings, rules: Rules, args: argparse.Namespace) -
 
 
 def _rules_check(path: Path) -> int:
+    """What serve would refuse, serve's way: the file, then the objects built from it."""
     try:
         rules = load_rules(path)
+        run_async(check_serving(rules, os.environ))
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
@@ -330,12 +308,11 @@ def _rules_check(path: Path) -> int:
 
 
 def _token(args: argparse.Namespace, rules: Rules) -> int:
-    from gateway.auth import mint_token
-
     auth = rules.document.auth
     secret = os.environ.get(auth.secret_env)
     if not secret:
         raise CommandError(f"{auth.secret_env} is not set: export the shared secret first")
+    standard = {k: v for k, v in (("iss", auth.issuer), ("aud", auth.audience)) if v}
     print(
         mint_token(
             secret,
@@ -344,20 +321,10 @@ def _token(args: argparse.Namespace, rules: Rules) -> int:
             ttl_seconds=args.ttl,
             roles=args.role,
             claims=auth.claims,
-            extra=_standard_claims(rules),
+            extra=standard,
         )
     )
     return 0
-
-
-def _standard_claims(rules: Rules) -> dict[str, Any]:
-    auth = rules.document.auth
-    extra: dict[str, Any] = {}
-    if auth.issuer:
-        extra["iss"] = auth.issuer
-    if auth.audience:
-        extra["aud"] = auth.audience
-    return extra
 
 
 async def _org(ledger: Ledger, args: argparse.Namespace) -> int:
@@ -383,12 +350,7 @@ async def _org(ledger: Ledger, args: argparse.Namespace) -> int:
 
 async def _grant(ledger: Ledger, args: argparse.Namespace) -> int:
     account = await ledger.grant(
-        args.org,
-        args.token_type,
-        args.amount,
-        bucket=args.bucket,
-        actor="cli",
-        reason=args.reason,
+        args.org, args.token_type, args.amount, bucket=args.bucket, actor="cli", reason=args.reason
     )
     print(
         f"granted {args.amount} {args.token_type} tokens to '{args.org}' ({args.bucket}); "
@@ -397,9 +359,9 @@ async def _grant(ledger: Ledger, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _quota(ledger: Ledger, args: argparse.Namespace) -> int:
+async def _quota(ledger: Ledger, args: argparse.Namespace, rules: Rules) -> int:
     subject = f"user:{args.user}" if args.user else f"team:{args.team}"
-    if args.token_type not in ledger_token_types(args):
+    if args.token_type not in rules.document.token_types:
         raise CommandError(f"unknown token type '{args.token_type}'")
     amount = args.amount if args.quota_command == "set" else None
     if amount is not None and amount < 0:
@@ -411,10 +373,6 @@ async def _quota(ledger: Ledger, args: argparse.Namespace) -> int:
         else f"{subject} of '{args.org}' has no {args.token_type} quota now"
     )
     return 0
-
-
-def ledger_token_types(args: argparse.Namespace) -> set[str]:
-    return set(args.rules_loaded.document.token_types)
 
 
 async def _team(ledger: Ledger, args: argparse.Namespace) -> int:
@@ -429,26 +387,13 @@ async def _balance(ledger: Ledger, args: argparse.Namespace) -> int:
         raise CommandError(f"organization '{args.org}' does not exist")
     accounts = await ledger.balances(args.org)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "organization": args.org,
-                    "plan": org["plan"],
-                    "accounts": {
-                        a.token_type: {
-                            "available": a.available,
-                            "allowance": a.allowance,
-                            "purchased": a.purchased,
-                            "reserved": a.reserved,
-                            "allocated": a.allocated,
-                            "period_end": a.period_end.isoformat(),
-                        }
-                        for a in accounts
-                    },
-                },
-                indent=2,
-            )
-        )
+        amounts = ("available", "allowance", "purchased", "reserved", "allocated")
+        by_type = {
+            a.token_type: {k: getattr(a, k) for k in amounts} | {"period_end": a.period_end}
+            for a in accounts
+        }
+        document = {"organization": args.org, "plan": org["plan"], "accounts": by_type}
+        print(json.dumps(document, indent=2, default=datetime.isoformat))
         return 0
     print(f"organization {args.org}  plan {org['plan']}")
     print(
@@ -481,24 +426,13 @@ async def _sweep(ledger: Ledger) -> int:
     return 0
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return int(uvloop.run(coro))
-
-
 async def _explain(settings: Settings, rules: Rules, args: argparse.Namespace) -> int:
-    from gateway.auth import Authenticator
-    from gateway.explain import explain, render
-    from gateway.limits.config import effective
-
     if args.token is None:
         report = await explain(rules, args.method.upper(), args.path)
-    else:
-        auth = Authenticator(rules.document.auth)
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0
+    async with new_session() as session:
+        active = build_active(rules, os.environ, session)
         try:
             async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as lim:
 
@@ -512,13 +446,14 @@ async def _explain(settings: Settings, rules: Rules, args: argparse.Namespace) -
                     args.method.upper(),
                     args.path,
                     token=args.token,
-                    auth=auth,
+                    auth=active.auth,
                     ledger=ledger,
                     limiter=lim,
                     limits_for=limits_for,
                 )
         finally:
-            await auth.close()
+            await active.auth.close()
+            await active.alerter.close()
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 
@@ -526,8 +461,6 @@ async def _explain(settings: Settings, rules: Rules, args: argparse.Namespace) -
 async def _serve(
     settings: Settings, rules: Rules, rules_path: Path, host: str, port: int, reuse_port: bool
 ) -> int:
-    from gateway.app import build_app, reload_rules
-
     for problem in rules.margin_problems():
         log.warning("pricing check: %s", problem)
     if reuse_port:  # a worker of serve --workers
@@ -535,97 +468,29 @@ async def _serve(
         die_with_parent()
         if os.getppid() != parent:  # it died before we asked
             return 1
+    # What the rules make must load before any store is opened: a bad key file is
+    # reported as such, not after (or as) a database error.
+    await check_serving(rules, os.environ)
     async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
         app = build_app(rules, ledger, limiter, watch=rules_path)
         # On SIGTERM: stop accepting, give handlers the longest upstream timeout to finish,
         # then the app's cleanup waits for every exchange to settle.
         grace = max((r.upstream.timeout_seconds for r in rules.routes), default=30) + 5
-        runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=False, shutdown_timeout=grace
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(
-                runner, host, port, reuse_address=not reuse_port, reuse_port=reuse_port or None
+        async with listening(app, host, port, reuse_port=reuse_port, shutdown_timeout=grace):
+            log.info(
+                "gateway listening on http://%s:%d with rules %s (version %s, %d routes)",
+                host,
+                port,
+                rules.source,
+                rules.version,
+                len(rules.routes),
             )
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        log.info(
-            "gateway listening on http://%s:%d with rules %s (version %s, %d routes)",
-            host,
-            port,
-            rules.source,
-            rules.version,
-            len(rules.routes),
-        )
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
-        )
-        await wait_for_signal(orphan_check=reuse_port)
-        log.info("shutting down: finishing in-flight requests")
-        await runner.cleanup()
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
+            )
+            await wait_for_signal(orphan_check=reuse_port)
+            log.info("shutting down: finishing in-flight requests")
     return 0
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel send this process SIGTERM (a graceful stop) when its
-    parent dies: a worker must not outlive its supervisor."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        log.warning("cannot ask to be stopped with the supervisor; polling for it instead")
-
-
-async def wait_for_signal(*, orphan_check: bool = False) -> None:
-    """Until SIGINT or SIGTERM; with ``orphan_check`` (a worker of ``serve --workers``),
-    also until the supervisor is gone, so that no worker outlives it."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
-
-    async def watch_parent() -> None:
-        # Polling: nothing signals a parent's death portably.
-        while os.getppid() == parent:  # noqa: ASYNC110
-            await asyncio.sleep(1)
-        log.error("the supervisor (pid %d) is gone; shutting down", parent)
-        stop.set()
-
-    watcher = asyncio.create_task(watch_parent()) if orphan_check else None
-    try:
-        await stop.wait()
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def demo_secret(data_dir: Path) -> str:
-    """A per-installation secret for the demo, kept so minted tokens survive restarts."""
-    path = data_dir / "demo-jwt-secret"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    path.write_text(secret)
-    path.chmod(0o600)
-    return secret
 
 
 if __name__ == "__main__":

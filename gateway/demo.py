@@ -8,6 +8,7 @@ shows a metered request, the balance falling and a refusal, then prints curl com
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -15,22 +16,29 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gateway.app import build_app
 from gateway.auth import mint_token
-from gateway.cli import (
+from gateway.errors import LedgerError
+from gateway.ledger import Ledger
+from gateway.limits.config import effective
+from gateway.rules import Rules, load_rules
+from gateway.runtime import (
     CommandError,
+    check_serving,
     demo_secret,
     free_port,
+    listening,
     open_ledger,
     open_limiter,
     wait_for_signal,
 )
-from gateway.errors import LedgerError
-from gateway.ledger import Ledger
-from gateway.rules import load_rules
 from gateway.sample_upstream import make_app
 from gateway.settings import Settings
 
 PRO_ORG, STARTER_ORG = "acme", "freeloader"
+# The tour's callers, and the ones whose tokens it prints: the limits count per user, so
+# the tour's requests never make yours wait.
+TOUR_USERS, YOUR_USERS = ("alice", "bob"), ("carol", "dave")
 
 
 async def _seed(ledger: Ledger) -> None:
@@ -53,8 +61,6 @@ def _say(text: str = "") -> None:
 async def run_demo(
     settings: Settings, rules_path: Path, port: int, upstream_port: int, once: bool
 ) -> int:
-    from gateway.app import build_app
-
     upstream_port = upstream_port or free_port()
     upstream = web.AppRunner(make_app(), access_log=None)
     await upstream.setup()
@@ -65,41 +71,38 @@ async def run_demo(
     auth = rules.document.auth
     if "HS256" not in auth.algorithms:
         raise CommandError("the demo mints HS256 tokens: list HS256 in auth.algorithms")
-    if not os.environ.get(auth.secret_env):
+    generated = not os.environ.get(auth.secret_env)
+    if generated:
         os.environ[auth.secret_env] = demo_secret(settings.data_dir)
     secret = os.environ[auth.secret_env]
 
+    def token(org: str, user: str) -> str:
+        return mint_token(secret, org=org, user=user, ttl_seconds=86400, claims=auth.claims)
+
     try:
+        await check_serving(rules, os.environ)  # a bad key is said before any store opens
         async with (
             open_ledger(settings, rules) as ledger,
             open_limiter(settings, rules) as limiter,
         ):
             await _seed(ledger)
-            await limiter.unblock(STARTER_ORG, "bob")  # earlier demo runs count refusals
+            for user in (TOUR_USERS[1], YOUR_USERS[1]):  # earlier runs count their refusals
+                await limiter.unblock(STARTER_ORG, user)
             app = build_app(rules, ledger, limiter)
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=False)
-            await runner.setup()
-            try:
-                await web.TCPSite(runner, "127.0.0.1", port).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise CommandError(
-                    f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another with --port"
-                ) from exc
-            base = f"http://127.0.0.1:{port}"
-            pro = mint_token(
-                secret, org=PRO_ORG, user="alice", ttl_seconds=86400, claims=auth.claims
-            )
-            starter = mint_token(
-                secret, org=STARTER_ORG, user="bob", ttl_seconds=86400, claims=auth.claims
-            )
-            ok = await _tour(ledger, base, pro, starter)
-            _print_commands(base, pro, starter, rules_path)
-            if not once:
-                _say("The gateway is running. Press Ctrl-C to stop.")
-                await wait_for_signal()
-                _say("Stopping: finishing requests, then the embedded servers...")
-            await runner.cleanup()
+            hint = "; pick another with --port"
+            async with listening(app, "127.0.0.1", port, hint=hint, shutdown_timeout=10):
+                base = f"http://127.0.0.1:{port}"
+                pro, starter = token(PRO_ORG, TOUR_USERS[0]), token(STARTER_ORG, TOUR_USERS[1])
+                ok = await _tour(ledger, base, pro, starter)
+                commands = _Commands(rules, rules_path, secret if generated else None)
+                if once:
+                    _say(commands.after_exit())
+                else:
+                    yours = token(PRO_ORG, YOUR_USERS[0]), token(STARTER_ORG, YOUR_USERS[1])
+                    _say(commands.while_running(base, *yours))
+                    _say("The gateway is running. Press Ctrl-C to stop.")
+                    await wait_for_signal()
+                    _say("Stopping: finishing requests, then the embedded servers...")
     finally:
         await upstream.cleanup()
     return 0 if ok else 1
@@ -179,25 +182,53 @@ async def _tour(ledger: Ledger, base: str, pro: str, starter: str) -> bool:
     return all(checks)
 
 
-def _print_commands(base: str, pro: str, starter: str, rules_path: Path) -> None:
-    chat = json.dumps({"model": "sample-1", "messages": [{"role": "user", "content": "Hi"}]})
-    stream = json.dumps(
-        {"model": "sample-1", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
-    )
-    auth = '-H "Authorization: Bearer $TOKEN"'
-    json_h = "-H 'Content-Type: application/json'"
-    _say(
-        f"""
-== Try it yourself (tokens valid for 24 hours) ==
+class _Commands:
+    """What to paste next, in the words of the shell the demo was started from."""
+
+    def __init__(self, rules: Rules, rules_path: Path, secret: str | None) -> None:
+        # ./dev sets up the virtualenv: in a checkout, it is how `gateway` is on hand.
+        gateway = "./dev gateway" if Path("dev").is_file() else "gateway"
+        if rules_path != Path("rules.yaml"):
+            gateway += f" --rules {shlex.quote(str(rules_path))}"
+        self.gateway = gateway
+        self.rules = rules
+        env = rules.document.auth.secret_env
+        self.secret_line = (
+            f"export {env}={shlex.quote(secret)}   # the demo's secret: gateway token uses it"
+            if secret is not None
+            else f"# {env} is already set in this shell: gateway token uses it"
+        )
+
+    def _wait(self, route_name: str) -> str:
+        """``sleep N`` when a second request of one user to this route's token type must
+        wait for ``min_interval``; nothing when no interval applies."""
+        route = next(r for r in self.rules.routes if r.name == route_name)
+        limits = effective(self.rules.document.limits, "pro", route.config.limits)
+        if limits.min_interval is None:
+            return ""
+        seconds = math.ceil(limits.min_interval.seconds)
+        return (
+            f"\n# one user may call one token type once every {seconds}s (limits: min_interval)"
+            f"\nsleep {seconds}"
+        )
+
+    def while_running(self, base: str, pro: str, starter: str) -> str:
+        chat = json.dumps({"model": "sample-1", "messages": [{"role": "user", "content": "Hi"}]})
+        stream = json.dumps(
+            {"model": "sample-1", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        )
+        auth = '-H "Authorization: Bearer $TOKEN"'
+        json_h = "-H 'Content-Type: application/json'"
+        wait = self._wait("chat") if any(r.name == "chat" for r in self.rules.routes) else ""
+        return f"""
+== Try it yourself: paste these in order in another terminal (tokens valid for 24 hours) ==
 
 export TOKEN={pro}
 export STARTER_TOKEN={starter}
+{self.secret_line}
 
 # a metered chat completion (1 'general' token); see X-Tokens-Charged / X-Tokens-Remaining
 curl -i {base}/v1/chat/completions {auth} {json_h} -d {shlex.quote(chat)}
-
-# the same, streamed as server-sent events
-curl -N {base}/v1/chat/completions {auth} {json_h} -d {shlex.quote(stream)}
 
 # lead generation (5 'lead_generation' tokens)
 curl -i -X POST {base}/v1/leads/generate {auth} {json_h} -d '{{"industry": "robotics"}}'
@@ -207,12 +238,27 @@ curl -i -X POST '{base}/v1/forecasts?fail=503' {auth} {json_h} -d '{{}}'
 
 # a starter organization has no AI: 403 plan_forbidden
 curl -i -X POST {base}/v1/leads/generate -H "Authorization: Bearer $STARTER_TOKEN" -d '{{}}'
+{wait}
+# a chat again, streamed as server-sent events
+curl -N {base}/v1/chat/completions {auth} {json_h} -d {shlex.quote(stream)}
 
-# the dashboard: open this in a browser
-{base}/dashboard#token={pro}
+# the dashboard, in a browser: {base}/dashboard#token={pro}
 
-# balances and the ledger audit (in another terminal, same directory)
-gateway --rules {rules_path} balance {PRO_ORG}
-gateway --rules {rules_path} audit
+# balances, the ledger audit, and how a request would be treated now
+{self.gateway} balance {PRO_ORG}
+{self.gateway} audit
+{self.gateway} rules explain POST /v1/chat/completions --token "$TOKEN"
 """
-    )
+
+    def after_exit(self) -> str:
+        return f"""
+== The tour is over and the gateway has stopped (--once) ==
+
+Run the demo without --once to keep it running and get curl commands to try. Meanwhile,
+the ledger is still there (paste these in order):
+
+{self.secret_line}
+export TOKEN=$({self.gateway} token --org {PRO_ORG} --user {YOUR_USERS[0]})
+{self.gateway} balance {PRO_ORG}
+{self.gateway} rules explain POST /v1/chat/completions --token "$TOKEN"
+"""

@@ -11,15 +11,24 @@ and an HTTP status (RFC 9457 problem details)::
     ├── UnknownOrganization     403 unknown_organization
     ├── LicenseSuspended        403 license_suspended
     ├── FeatureDegraded         403 feature_degraded
+    ├── AdminOnly               403 admin_only
     ├── InvalidRequest          400 invalid_request
+    ├── InvalidSignature        400 invalid_signature
     ├── NoRoute                 404 no_route
+    ├── NotFound                404 not_found
     ├── NoReservation           404 no_reservation
+    ├── BillingNotConfigured    404 billing_not_configured
+    ├── MethodNotAllowed        405 method_not_allowed
     ├── ReservationSettled      409 reservation_settled
+    ├── Conflict                409 conflict
+    ├── PayloadTooLarge         413 payload_too_large
     ├── InvalidCharge           422 invalid_charge
+    ├── IdempotencyKeyReused    422 idempotency_key_reused
     ├── RateLimited             429 rate_limited
     ├── TooFrequent             429 too_frequent
     ├── TooManyInFlight         429 too_many_in_flight
     ├── Blocked                 429 blocked
+    ├── InternalError           500 internal_error (a bug: logged with its traceback)
     ├── UpstreamError           502 upstream_error
     ├── UpstreamTimeout         504 upstream_timeout
     ├── LedgerUnavailable       503 ledger_unavailable
@@ -209,6 +218,73 @@ class LimiterUnavailable(GatewayError):
     status = 503
     code = "limits_unavailable"
     title = "Limits unavailable"
+
+
+class AdminOnly(GatewayError):
+    status = 403
+    code = "admin_only"
+    title = "Operators only"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class InvalidSignature(GatewayError):
+    status = 400
+    code = "invalid_signature"
+    title = "Invalid webhook signature"
+
+
+class BillingNotConfigured(GatewayError):
+    status = 404
+    code = "billing_not_configured"
+    title = "Billing is not configured"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class IdempotencyKeyReused(GatewayError):
+    status = 422
+    code = "idempotency_key_reused"
+    title = "Idempotency key reused"
+
+
+class InternalError(GatewayError):
+    status = 500
+    code = "internal_error"
+    title = "Internal error"
+
+
+def contract() -> dict[str, type[GatewayError]]:
+    """Every error a client can see, by code (each code is one class and one status)."""
+    found: dict[str, type[GatewayError]] = {}
+    pending: list[type[GatewayError]] = list(GatewayError.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.code in found and found[cls.code] is not cls:
+            raise AssertionError(f"code {cls.code!r} is used by {found[cls.code]} and {cls}")
+        found[cls.code] = cls
+    return found
 
 
 class ConfigError(Exception):

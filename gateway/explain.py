@@ -8,17 +8,11 @@ from typing import Any
 
 from gateway.auth import Authenticator
 from gateway.errors import GatewayError
+from gateway.gate import judge
 from gateway.ledger import Ledger
 from gateway.limits.config import Effective
 from gateway.limits.limiter import Limiter
 from gateway.rules import Route, Rules
-
-_RESERVE_VERDICTS = {
-    "ok": (True, "the balance covers the cost"),
-    "insufficient": (False, "402 insufficient_tokens"),
-    "plan_forbidden": (False, "403 plan_forbidden"),
-    "unknown_organization": (False, "403 unknown_organization"),
-}
 
 
 async def explain(
@@ -56,61 +50,60 @@ async def explain(
         report["verdict"] = "matched (give a token to see each gate's verdict)"
         return report
 
-    def gate(name: str, ok: bool, detail: str) -> None:
-        gates.append({"gate": name, "ok": ok, "detail": detail})
+    def gate(name: str, ok: bool, detail: str, refused: GatewayError | None = None) -> None:
+        entry: dict[str, Any] = {"gate": name, "ok": ok, "detail": detail}
+        if refused is not None:
+            entry.update(status=refused.status, code=refused.code)
+        gates.append(entry)
 
     try:
         principal = await auth.authenticate(f"Bearer {token}")
     except GatewayError as exc:
-        gate("token", False, f"{exc.status} {exc.code}: {exc.detail}")
+        gate("token", False, _refusal(exc), exc)
         return _finish(report, route)
     roles = ", ".join(sorted(principal.roles)) or "none"
     gate("token", True, f"organization '{principal.org}', user '{principal.user}', roles {roles}")
-    org = await ledger.organization(principal.org)
-    if org is None:
-        gate("organization", False, f"403 unknown_organization: '{principal.org}'")
+    outcome, refused = await judge(ledger, rules.document, route, principal)
+    if outcome.status == "unknown_organization":
+        gate("organization", False, _refusal(refused), refused)
         return _finish(report, route)
-    gate("plan", True, f"plan '{org['plan']}'")
+    gate("plan", True, f"plan '{outcome.plan}'")
     if limiter is not None and limits_for is not None:
         limits = await limits_for(principal.org, route)
         try:
             verdicts = await limiter.peek(principal.org, principal.user, route.token_type, limits)
         except GatewayError as exc:
+            closed = rules.document.limits.on_store_error == "closed"
             gate(
                 "limits",
-                False,
-                f"Redis unreachable ({exc.detail}); on_store_error: "
-                f"{rules.document.limits.on_store_error}",
+                not closed,
+                f"{exc.status} {exc.code}: Redis unreachable ({exc.detail}); "
+                f"on_store_error: {rules.document.limits.on_store_error}",
+                exc if closed else None,
             )
         else:
-            for name, ok, detail in verdicts:
-                gate(f"limit {name}", ok, detail)
-    verdict = await ledger.record_shadow(
-        principal.org,
-        route.token_type,
-        route.cost,
-        charged=0,
-        plans=route.config.plans,
-        route=route.name,
-        user=principal.user,
-        journal=False,
-    )
-    balance = next(
-        (a for a in await ledger.balances(principal.org) if a.token_type == route.token_type),
-        None,
-    )
-    available = balance.available if balance else 0
-    ok, detail = _RESERVE_VERDICTS.get(verdict, (False, verdict))
-    gate(
-        "ledger",
-        ok,
-        f"{detail}: {available} {route.token_type} tokens available, cost {route.cost}",
-    )
+            for verdict in verdicts:
+                if verdict.refusal is None:
+                    gate(f"limit {verdict.limit}", True, verdict.detail)
+                else:
+                    gate(
+                        f"limit {verdict.limit}", False, _refusal(verdict.refusal), verdict.refusal
+                    )
+    balance = f"{outcome.remaining} {route.token_type} tokens available, cost {route.cost}"
+    if refused is None:
+        gate("ledger", True, f"the balance covers the cost: {balance}")
+    else:
+        gate("ledger", False, f"{_refusal(refused)} ({balance})", refused)
     return _finish(report, route)
+
+
+def _refusal(exc: GatewayError | None) -> str:
+    return f"{exc.status} {exc.code}: {exc.detail}" if exc is not None else "ok"
 
 
 def _finish(report: dict[str, Any], route: Route) -> dict[str, Any]:
     failed = [g for g in report["gates"] if not g["ok"]]
+    report["code"] = failed[0].get("code") if failed else None
     if not failed:
         report["verdict"] = "allowed: would be forwarded and charged on a 2xx answer"
     elif not route.config.enforce:

@@ -10,11 +10,8 @@ it hangs up; the app waits for these tasks at shutdown.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,133 +19,85 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.auth import Principal
 from gateway.errors import (
-    FeatureDegraded,
     GatewayError,
-    InsufficientTokens,
     LedgerError,
     LedgerUnavailable,
-    LicenseSuspended,
     NoRoute,
-    PlanForbidden,
-    QuotaExceeded,
-    UnknownOrganization,
     UpstreamError,
     UpstreamTimeout,
 )
+from gateway.gate import record_shadow, reserve
 from gateway.ledger import Ledger, ReserveOutcome, Settlement
 from gateway.limits.limiter import Admission
-from gateway.proxy import Caller, client_response_headers, map_client_error, open_upstream
+from gateway.middleware import ROUTE_NAME, authenticate, request_id
+from gateway.proxy import client_response_headers, map_client_error, open_upstream
 from gateway.rules import Route, Rules
 from gateway.state import STATE, GatewayState
 
 log = logging.getLogger("gateway.pipeline")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Retries for a settlement that fails because the ledger is briefly unreachable; after
-# them the reservation stays held and the sweeper refunds it at its expiry.
+# them the reservation stays held (the sweeper refunds it at its expiry) and the client
+# is cut off before the end of the answer.
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0, 2.0)
-# Refusals that count toward blocking a principal (or an address, for 401s).
-_COUNTED_REFUSALS = frozenset({401, 402, 403, 429})
 _CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError)
 
 
-def request_id_of(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-
-
 async def handle(request: web.Request) -> web.StreamResponse:
-    """The catch-all handler for metered routes."""
+    """The catch-all handler for metered routes. Refusals raise; the ``problems``
+    middleware answers them."""
     state = request.app[STATE]
     active = state.active  # one snapshot for the whole request, whatever reloads meanwhile
     rules = active.rules
-    metrics = state.metrics
-    request_id = request_id_of(request)
+    rid = request_id(request)
     started = time.monotonic()
     limiter = state.limiter
-    address = request.remote or ""
-    caller: Caller | None = None
-    route: Route | None = None
-    admission = Admission()
+    route = rules.match(request.method, request.path)
+    if route is None:
+        raise NoRoute(f"no route in rules.yaml matches {request.method} {request.path}")
+    request[ROUTE_NAME] = route.name
+    if not route.config.enforce:
+        return await _shadow(request, state, route, rid, started)
     try:
-        route = rules.match(request.method, request.path)
-        if route is None:
-            raise NoRoute(f"no route in rules.yaml matches {request.method} {request.path}")
-        if not route.config.enforce:
-            return await _shadow(request, state, route, request_id, started)
-        try:
-            principal = await active.auth.authenticate(request.headers.get("Authorization"))
-        except GatewayError:
-            # An address blocked for repeated invalid tokens is refused as such; a valid
-            # token is never refused for its address (many tenants share proxies).
-            await limiter.check_address(address)
-            raise
-        caller = Caller(principal.org, principal.user, principal.roles, request_id)
-        limits = await state.limits_for(caller.org, route, rules)
-        # Limits before the ledger: a request refused by a limit is never charged.
-        with metrics.redis_seconds.time():
-            admission = await limiter.admit(
-                caller.org, caller.user, route.token_type, limits, route.upstream.timeout_seconds
-            )
-        with metrics.ledger_seconds.labels("reserve").time():
-            outcome = await reserve(state.ledger, rules, route, caller)
+        principal = await authenticate(request)
+    except GatewayError:
+        # An address blocked for repeated invalid tokens is refused as such; a valid
+        # token is never refused for its address (many tenants share proxies).
+        await limiter.check_address(request.remote or "")
+        raise
+    limits = await state.limits_for(principal.org, route, rules)
+    # Limits before the ledger: a request refused by a limit is never charged.
+    with state.metrics.redis_seconds.time():
+        admission = await limiter.admit(
+            principal.org, principal.user, route.token_type, limits, route.upstream.timeout_seconds
+        )
+    try:
+        with state.metrics.ledger_seconds.labels("reserve").time():
+            outcome = await reserve(state.ledger, rules.document, route, principal, rid)
     except GatewayError as exc:
         await limiter.release(admission)
-        return await refuse(request, state, exc, caller, route, request_id, admission.headers)
+        exc.headers.update(admission.headers)
+        raise
 
-    metrics.tokens.labels(route.token_type, "reserved").inc(route.cost)
+    state.metrics.tokens.labels(route.token_type, "reserved").inc(route.cost)
     exchange = Exchange(
         request,
         route,
-        caller,
+        principal,
+        rid,
         state.ledger,
         started,
         admission,
         outcome,
-        client_deadline=_client_deadline(rules, route, started),
+        *_deadlines(rules, route, started),
     )
     return await _run_shielded(state, exchange)
 
 
-async def refuse(
-    request: web.Request,
-    state: GatewayState,
-    exc: GatewayError,
-    caller: Caller | None,
-    route: Route | None,
-    request_id: str,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """Log, count and answer a refusal; refusals that suggest abuse count toward a block."""
-    metrics = state.metrics
-    log.info(
-        "refused %s %s status=%d code=%s request_id=%s: %s",
-        request.method,
-        request.path,
-        exc.status,
-        exc.code,
-        request_id,
-        exc.detail,
-        extra={"request_id": request_id, "status": exc.status, "code": exc.code},
-    )
-    metrics.refusals.labels(exc.code).inc()
-    metrics.requests.labels(route.name if route else "", "refused", str(exc.status)).inc()
-    if exc.code == "ledger_unavailable":
-        metrics.store_errors.labels("ledger").inc()
-    elif exc.code == "limits_unavailable":
-        metrics.store_errors.labels("redis").inc()
-    if exc.status in _COUNTED_REFUSALS and exc.code != "blocked":
-        await state.limiter.record_refusal(
-            caller.org if caller else None, caller.user if caller else None, request.remote
-        )
-    return exc.response(
-        instance=request.path, headers={"X-Request-Id": request_id, **(headers or {})}
-    )
-
-
 async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamResponse:
-    task = asyncio.create_task(exchange.run(state), name=f"exchange-{exchange.caller.request_id}")
+    task = asyncio.create_task(exchange.run(state), name=f"exchange-{exchange.request_id}")
     state.inflight.add(task)
     task.add_done_callback(state.inflight.discard)
     # If the client hangs up and this handler is cancelled, the exchange goes on.
@@ -156,153 +105,53 @@ async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamRe
 
 
 async def _shadow(
-    request: web.Request, state: GatewayState, route: Route, request_id: str, started: float
+    request: web.Request, state: GatewayState, route: Route, rid: str, started: float
 ) -> web.StreamResponse:
     """A route with ``enforce: false``: every gate is evaluated and what it would refuse is
     logged and counted, then the request is forwarded anyway and journaled as a shadow
     entry that moves no balance."""
     would: list[str] = []
-    org = user = ""
-    roles: frozenset[str] = frozenset()
+    principal = Principal(org="", user="")
     try:
-        principal = await state.active.auth.authenticate(request.headers.get("Authorization"))
-        org, user, roles = principal.org, principal.user, principal.roles
+        principal = await authenticate(request)
     except GatewayError as exc:
         would.append(exc.code)
-    admission = Admission()
-    if org:
+    if principal.org:
         try:
-            limits = await state.limits_for(org, route)
-            verdicts = await state.limiter.peek(org, user, route.token_type, limits)
-            would.extend(_limit_code(name) for name, ok, _ in verdicts if not ok)
+            limits = await state.limits_for(principal.org, route)
+            verdicts = await state.limiter.peek(
+                principal.org, principal.user, route.token_type, limits
+            )
+            would.extend(v.refusal.code for v in verdicts if v.refusal is not None)
         except GatewayError as exc:
             would.append(exc.code)
-    caller = Caller(org, user, roles, request_id)
     exchange = Exchange(
         request,
         route,
-        caller,
+        principal,
+        rid,
         state.ledger,
         started,
-        admission,
+        Admission(),
         None,
-        client_deadline=_client_deadline(state.rules, route, started),
+        *_deadlines(state.rules, route, started),
         would_refuse=would,
     )
     return await _run_shielded(state, exchange)
 
 
-def _client_deadline(rules: Rules, route: Route, started: float) -> float:
-    """Shortly before the reservation's expiry: by then the response must be delivered."""
+def _deadlines(rules: Rules, route: Route, started: float) -> tuple[float, float]:
+    """When a client that does not read is dropped, and when the whole exchange must be
+    over: both before the reservation's expiry, leaving time to settle (with retries), so
+    the sweeper never expires the hold of a live exchange."""
+    timeout = route.upstream.timeout_seconds
     grace = rules.document.ledger.reservation_grace_seconds
-    return started + route.upstream.timeout_seconds + max(grace - 5, grace / 2)
+    client_deadline = started + timeout + max(grace - 5, grace / 2)
+    return client_deadline, started + timeout + grace - min(4.5, grace / 4)
 
 
-def _limit_code(limit: str) -> str:
-    kind = limit.split(" ", 1)[0]
-    return {
-        "blocks": "blocked",
-        "rate": "rate_limited",
-        "min_interval": "too_frequent",
-        "concurrency": "too_many_in_flight",
-    }.get(kind, kind)
-
-
-async def reserve(
-    ledger: Ledger,
-    rules: Rules,
-    route: Route,
-    caller: Caller,
-    *,
-    ttl_seconds: float | None = None,
-    idempotency_key: str | None = None,
-    metadata: dict[str, Any] | None = None,
-) -> ReserveOutcome:
-    """Hold the route's cost for the caller; refusals raise the contract's errors."""
-    doc = rules.document
-    degrade_after = next(
-        (s.after_days for s in doc.license.degradation_order if route.token_type in s.token_types),
-        None,
-    )
-    outcome = await ledger.reserve(
-        caller.org,
-        route.token_type,
-        route.cost,
-        ttl_seconds=ttl_seconds
-        or route.upstream.timeout_seconds + doc.ledger.reservation_grace_seconds,
-        plans=route.config.plans,
-        route=route.name,
-        user=caller.user,
-        request_id=caller.request_id,
-        idempotency_key=idempotency_key,
-        metadata=metadata,
-        grace_days=doc.license.grace_period_days,
-        degrade_after_days=degrade_after,
-    )
-    if outcome.status in ("ok", "duplicate"):
-        return outcome
-    if outcome.status == "license_suspended":
-        when = outcome.license_date
-        raise LicenseSuspended(
-            f"the license of organization '{caller.org}' is suspended"
-            + (f" since {when:%Y-%m-%d} (the payment grace period ended)" if when else "")
-            + "; all AI features are off until the account is paid",
-            suspended_at=when.isoformat() if when else None,
-        )
-    if outcome.status == "quota_exceeded":
-        quota = json.loads(outcome.detail or "{}")
-        kind, _, name = str(quota.get("subject", ":")).partition(":")
-        whom = f"user '{name}'" if kind == "user" else f"team '{name}'"
-        raise QuotaExceeded(
-            f"{route.name} costs {route.cost} {route.token_type} tokens and {whom} has used "
-            f"{quota.get('spent')} of its quota of {quota.get('quota')} this period",
-            token_type=route.token_type,
-            cost=route.cost,
-            quota=quota.get("quota"),
-            spent=quota.get("spent"),
-            subject=quota.get("subject"),
-        )
-    if outcome.status == "feature_degraded":
-        when = outcome.license_date
-        assert when is not None
-        raise FeatureDegraded(
-            f"{route.token_type} has been switched off since {when:%Y-%m-%d} because a "
-            "payment failed; pay the open invoice to restore it at once",
-            token_type=route.token_type,
-            degraded_at=when.isoformat(),
-        )
-    if outcome.status == "unknown_organization":
-        raise UnknownOrganization(
-            f"organization '{caller.org}' is not known to the gateway; an operator must "
-            "create it (gateway org create)",
-            organization=caller.org,
-        )
-    if outcome.status == "plan_forbidden":
-        plan = outcome.plan or "unknown"
-        plan_config = doc.plans.get(plan)
-        upgrade = plan_config.upgrade_to if plan_config else None
-        if route.config.plans is not None and plan not in route.config.plans:
-            detail = (
-                f"route '{route.name}' is available on plans {', '.join(route.config.plans)}; "
-                f"organization '{caller.org}' is on plan '{plan}'"
-            )
-        else:
-            detail = f"plan '{plan}' does not include {route.token_type}"
-        if upgrade:
-            detail += f"; upgrade to '{upgrade}' to use it"
-        raise PlanForbidden(detail, plan=plan, token_type=route.token_type, upgrade_to=upgrade)
-    if outcome.status == "insufficient":
-        refresh = outcome.period_end.isoformat() if outcome.period_end else None
-        raise InsufficientTokens(
-            f"{route.name} costs {route.cost} {route.token_type} tokens and "
-            f"organization '{caller.org}' has {outcome.remaining}"
-            + (f"; the allowance refreshes at {refresh}" if refresh else ""),
-            token_type=route.token_type,
-            cost=route.cost,
-            balance=outcome.remaining,
-            refresh_at=refresh,
-        )
-    raise LedgerUnavailable(f"unexpected reserve status {outcome.status!r}")
+class ExchangeOverdue(Exception):
+    """The exchange reached its deadline before the upstream finished."""
 
 
 @dataclass
@@ -312,12 +161,14 @@ class Exchange:
 
     request: web.Request
     route: Route
-    caller: Caller
+    caller: Principal
+    request_id: str
     ledger: Ledger
     started: float
     admission: Admission
     outcome: ReserveOutcome | None  # None: a shadow-mode route
     client_deadline: float  # monotonic: past it, a client that does not read counts as gone
+    deadline: float  # monotonic: the exchange is over by then, settled, before its expiry
     would_refuse: list[str] = field(default_factory=list)  # shadow mode: what gates said
     client_gone: bool = False
     charged: int = 0
@@ -331,13 +182,13 @@ class Exchange:
 
     def _gateway_headers(self, charged: bool) -> dict[str, str]:
         if self.outcome is None:
-            return {"X-Tokens-Charged": "0", "X-Request-Id": self.caller.request_id}
+            return {"X-Tokens-Charged": "0", "X-Request-Id": self.request_id}
         cost = self.route.cost
         headers = {
             "X-Tokens-Charged": str(cost if charged else 0),
             "X-Tokens-Remaining": str(self.outcome.remaining + (0 if charged else cost)),
             "X-Reservation-Id": str(self.outcome.reservation_id),
-            "X-Request-Id": self.caller.request_id,
+            "X-Request-Id": self.request_id,
             **self.admission.headers,
         }
         if charged and self.warning:
@@ -378,7 +229,9 @@ class Exchange:
         upstream_started = time.monotonic()
         upstream_seconds = state.metrics.upstream_seconds.labels(self.route.config.upstream)
         try:
-            upstream = await open_upstream(state.session, self.request, self.route, self.caller)
+            upstream = await open_upstream(
+                state.session, self.request, self.route, self.caller, self.request_id
+            )
         except (UpstreamError, UpstreamTimeout) as exc:
             upstream_seconds.observe(time.monotonic() - upstream_started)
             await self._settle(state, ok=False, reason=exc.detail)
@@ -415,6 +268,12 @@ class Exchange:
         try:
             while True:
                 waited = time.monotonic()
+                if self.deadline - waited < upstream_left:
+                    # The client's slowness has used up the exchange's time: past its
+                    # deadline the reservation could expire under a live exchange.
+                    upstream_left = self.deadline - waited
+                    if upstream_left <= 0:
+                        raise ExchangeOverdue()
                 try:
                     async with asyncio.timeout(max(upstream_left, 0.001)):
                         chunk = await chunks.__anext__()
@@ -426,8 +285,13 @@ class Exchange:
                     if to_go <= 0:
                         chunk, held_back = chunk[:-1], chunk[-1:]
                 await self._send(response.write(chunk))
+        except ExchangeOverdue:
+            failure = "the exchange reached its deadline (the client read too slowly)"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            failure = map_client_error(exc, self.route.config.upstream).detail + " mid-body"
+            if time.monotonic() >= self.deadline:
+                failure = "the exchange reached its deadline (the client read too slowly)"
+            else:
+                failure = map_client_error(exc, self.route.config.upstream).detail + " mid-body"
         except BaseException:
             await self._settle(state, ok=False, reason="gateway error while relaying the body")
             raise
@@ -435,7 +299,15 @@ class Exchange:
             time.monotonic() - upstream_started
         )
         if failure is None:
-            await self._settle(state, ok=ok, reason=f"upstream answered {upstream.status}")
+            settled = await self._settle(
+                state, ok=ok, reason=f"upstream answered {upstream.status}"
+            )
+            if ok and not settled:
+                # Never a complete-looking paid answer whose charge did not land.
+                self._log(upstream.status, charged=False, note="commit failed; answer cut off")
+                if self.request.transport is not None:
+                    self.request.transport.abort()
+                return response
             if held_back:
                 await self._send(response.write(held_back))
             await self._send(response.write_eof())
@@ -464,7 +336,7 @@ class Exchange:
             self.client_gone = True
             log.warning(
                 "client stopped reading request_id=%s; dropping it and settling by the upstream",
-                self.caller.request_id,
+                self.request_id,
             )
             if self.request.transport is not None:
                 self.request.transport.abort()
@@ -472,14 +344,16 @@ class Exchange:
             self.client_gone = True
             log.info(
                 "client went away request_id=%s: %s; reading the upstream to the end to settle",
-                self.caller.request_id,
+                self.request_id,
                 type(exc).__name__,
             )
 
-    async def _settle(self, state: GatewayState, *, ok: bool, reason: str) -> None:
+    async def _settle(self, state: GatewayState, *, ok: bool, reason: str) -> bool:
+        """Settle by the upstream's outcome; False when the ledger did not take it (then
+        the reservation stays held and expires as a refund)."""
         if self.outcome is None:
             await self._settle_shadow(state, ok=ok)
-            return
+            return True
         reservation_id = self.outcome.reservation_id
         assert reservation_id is not None
         if self.client_gone:
@@ -497,12 +371,12 @@ class Exchange:
                     else:
                         await self.ledger.refund(reservation_id, reason=reason, actor="gateway")
                         metrics.tokens.labels(token_type, "refunded").inc(self.route.cost)
-                return
+                return True
             except LedgerError as exc:
                 # Settled already (the sweeper expired it during a long outage): the
                 # ledger's word is final and the tokens are accounted for either way.
                 log.warning("settlement of %s refused: %s", reservation_id, exc)
-                return
+                return False
             except LedgerUnavailable:
                 metrics.store_errors.labels("ledger").inc()
                 if delay is None:
@@ -512,27 +386,26 @@ class Exchange:
                         reservation_id,
                         "commit" if ok else "refund",
                     )
-                    return
+                    return False
                 await asyncio.sleep(delay)
+        return False
 
     async def _settle_shadow(self, state: GatewayState, *, ok: bool) -> None:
         would = list(self.would_refuse)
         if self.caller.org and not would:
             try:
-                verdict = await self.ledger.record_shadow(
-                    self.caller.org,
-                    self.route.token_type,
-                    self.route.cost,
+                refused = await record_shadow(
+                    self.ledger,
+                    state.rules.document,
+                    self.route,
+                    self.caller,
+                    self.request_id,
                     charged=self.route.cost if ok else 0,
-                    plans=self.route.config.plans,
-                    route=self.route.name,
-                    user=self.caller.user,
-                    request_id=self.caller.request_id,
                 )
-            except LedgerUnavailable:
-                verdict = "ledger_unavailable"
-            if verdict != "ok":
-                would.append(_SHADOW_CODES.get(verdict, verdict))
+            except LedgerUnavailable as exc:
+                refused = exc
+            if refused is not None:
+                would.append(refused.code)
             elif ok:
                 state.metrics.tokens.labels(self.route.token_type, "shadow").inc(self.route.cost)
         for code in would:
@@ -541,10 +414,10 @@ class Exchange:
             log.warning(
                 "shadow route %s would have refused request_id=%s org=%s: %s",
                 self.route.name,
-                self.caller.request_id,
+                self.request_id,
                 self.caller.org or "-",
                 ", ".join(would),
-                extra={"request_id": self.caller.request_id, "would_refuse": would},
+                extra={"request_id": self.request_id, "would_refuse": would},
             )
 
     def _log(self, status: int, *, charged: bool, note: str = "") -> None:
@@ -557,11 +430,11 @@ class Exchange:
             self.caller.user,
             self.route.name,
             self.route.cost if charged else 0,
-            self.caller.request_id,
+            self.request_id,
             (time.monotonic() - self.started) * 1000,
             f" ({note})" if note else "",
             extra={
-                "request_id": self.caller.request_id,
+                "request_id": self.request_id,
                 "org": self.caller.org,
                 "user": self.caller.user,
                 "route": self.route.name,
@@ -570,10 +443,3 @@ class Exchange:
                 "shadow": self.shadow,
             },
         )
-
-
-_SHADOW_CODES = {
-    "insufficient": "insufficient_tokens",
-    "plan_forbidden": "plan_forbidden",
-    "unknown_organization": "unknown_organization",
-}

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.auth import Principal
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.rules import Route
 
@@ -67,14 +67,6 @@ def _canonical(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-@dataclass(frozen=True)
-class Caller:
-    org: str
-    user: str
-    roles: frozenset[str]
-    request_id: str
-
-
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return {
         token.strip().lower()
@@ -85,7 +77,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def upstream_request_headers(
-    request: web.Request, route: Route, caller: Caller
+    request: web.Request, route: Route, caller: Principal, request_id: str
 ) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | GATEWAY_REQUEST_HEADERS | _connection_tokens(request.headers)
     if not route.config.forward_authorization:
@@ -96,7 +88,7 @@ def upstream_request_headers(
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host
-    headers["X-Request-Id"] = caller.request_id
+    headers["X-Request-Id"] = request_id
     headers["X-Gateway-Organization"] = caller.org
     headers["X-Gateway-User"] = caller.user
     if caller.roles:
@@ -138,7 +130,11 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession, request: web.Request, route: Route, caller: Caller
+    session: aiohttp.ClientSession,
+    request: web.Request,
+    route: Route,
+    caller: Principal,
+    request_id: str,
 ) -> aiohttp.ClientResponse:
     """Send ``request`` to the route's upstream and return its response with the body still
     to read (the caller must release it). Raises ``UpstreamTimeout`` or ``UpstreamError``."""
@@ -153,7 +149,7 @@ async def open_upstream(
             return await session.request(
                 request.method,
                 url,
-                headers=upstream_request_headers(request, route, caller),
+                headers=upstream_request_headers(request, route, caller, request_id),
                 data=data,
                 timeout=timeout,
                 allow_redirects=False,

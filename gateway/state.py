@@ -15,10 +15,9 @@ from gateway.limits.config import Effective, effective
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
-    from gateway.api.usage import Thresholds
+    from gateway.alerts import Alerter, Thresholds
     from gateway.auth import Authenticator
     from gateway.ledger import Ledger
-    from gateway.limits.alerts import Alerter
     from gateway.limits.limiter import Limiter, SpikeAlert
     from gateway.rules import Route, Rules
 

@@ -25,9 +25,16 @@ else
   exit 1
 fi
 
-echo "== installing Debian's chromium for the dashboard tests"
+echo "== installing Debian's chromium for the dashboard tests (no recommended packages)"
 "${as_root[@]}" apt-get update -q
-"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+if [ -z "${CI:-}" ]; then
+  # Outside CI, say what will be installed before doing it.
+  echo "install-browser: apt-get will install:"
+  "${as_root[@]}" apt-get install --no-install-recommends -s chromium |
+    sed -n 's/^Inst \([^ ]*\).*/  \1/p'
+fi
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -q --no-install-recommends chromium
 
 if [ ! -x "$CHROMIUM" ]; then
   echo "install-browser: apt-get installed chromium but $CHROMIUM is missing" >&2

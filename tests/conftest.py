@@ -27,10 +27,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
 from gateway.auth import mint_token
-from gateway.cli import free_port
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules, parse_rules
+from gateway.runtime import free_port
 from tests.upstream import Upstream
 
 HERE = Path(__file__).parent

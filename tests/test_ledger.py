@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from importlib import resources
 
 import asyncpg
 import pytest
 
 from gateway.errors import LedgerError
-from gateway.ledger import Ledger
+from gateway.ledger import FUNCTION_FILES, Ledger
 from tests.conftest import Clock
 
 TTL = 60.0
@@ -279,3 +280,11 @@ async def test_outside_the_plan_never_bought_is_403_spent_out_is_402(ledger: Led
     assert (await ledger.reserve("free", "general", 1, ttl_seconds=TTL)).status == (
         "plan_forbidden"
     )
+
+
+def test_migrate_applies_every_function_file() -> None:
+    sql = resources.files("gateway.ledger").joinpath("sql")
+    files = {f.name for f in sql.iterdir() if f.name.endswith(".sql")}
+    # audit.sql is a query run by Ledger.audit, not a definition.
+    assert set(FUNCTION_FILES) == files - {"audit.sql"}
+    assert len(FUNCTION_FILES) == len(set(FUNCTION_FILES))

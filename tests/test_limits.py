@@ -16,11 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.alerts import Alerter, verify
 from gateway.app import build_app
-from gateway.cli import free_port
 from gateway.errors import Blocked, LimiterUnavailable, RateLimited, TooFrequent
 from gateway.ledger import Ledger
-from gateway.limits.alerts import Alerter, verify
 from gateway.limits.config import (
     Concurrency,
     Effective,
@@ -33,6 +32,7 @@ from gateway.limits.config import (
 )
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
+from gateway.runtime import free_port
 from tests.conftest import (
     ENVIRON,
     Clock,

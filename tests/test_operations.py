@@ -18,10 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway import app as app_module
 from gateway.app import build_app, reload_rules
-from gateway.cli import free_port
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules
+from gateway.runtime import free_port
 from gateway.state import STATE
 from tests.conftest import (
     ENVIRON,

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.errors import ConfigError
 from gateway.rules import Rules, compile_path, load_rules, parse_rules
+from gateway.runtime import check_serving
 
 HERE = Path(__file__).parent
 CONFIG = HERE / "config"
@@ -108,6 +109,10 @@ BAD_FILES: list[tuple[str, list[str]]] = [
     ("enforce_string.yaml", ["routes[0].enforce: must be true or false, got the string 'yes'"]),
     ("bad_version.yaml", ["version: must be 1, got 2"]),
     (
+        "limit_seconds_string.yaml",
+        ["limits.default.min_interval.seconds: must be a number, got the string '3'"],
+    ),
+    (
         "degradation_unknown_token_type.yaml",
         ["license.degradation_order[1].token_types[1]: unknown token type 'strategy'"],
     ),
@@ -148,6 +153,18 @@ BAD_FILES: list[tuple[str, list[str]]] = [
 ]
 
 
+# Files that load but that serve refuses when it builds its objects from them.
+REFUSED_BY_SERVE: list[tuple[str, list[str]]] = [
+    (
+        "public_key_file_missing.yaml",
+        [
+            "auth.public_key_file: cannot read /nonexistent/gateway-key.pem: "
+            "No such file or directory"
+        ],
+    ),
+]
+
+
 @pytest.fixture(autouse=True)
 def _unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in UNSET:
@@ -171,8 +188,20 @@ def test_bad_file_is_refused_with_exactly_its_errors(name: str, expected: list[s
     assert info.value.source == str(CONFIG / name)
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"), REFUSED_BY_SERVE, ids=[name for name, _ in REFUSED_BY_SERVE]
+)
+async def test_file_serve_refuses_fails_the_check(name: str, expected: list[str]) -> None:
+    rules = load_rules(CONFIG / name)
+    with pytest.raises(ConfigError) as info:
+        await check_serving(rules, {})
+    assert info.value.errors == expected
+    assert info.value.source == str(CONFIG / name)
+
+
 def test_every_bad_file_is_tested() -> None:
-    assert sorted(p.name for p in CONFIG.iterdir()) == sorted(name for name, _ in BAD_FILES)
+    tested = [name for name, _ in BAD_FILES + REFUSED_BY_SERVE]
+    assert sorted(p.name for p in CONFIG.iterdir()) == sorted(tested)
 
 
 def test_config_error_prefixes_every_line_with_the_file() -> None:

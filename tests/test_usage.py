@@ -15,10 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.alerts import verify
 from gateway.app import build_app
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
-from gateway.webhooks import verify
 from tests.conftest import ENVIRON, Clock, Gateway, bearer, load_test_rules
 from tests.upstream import Upstream
 
@@ -326,9 +326,9 @@ async def test_undeliverable_threshold_webhook_is_dead_lettered(
 ) -> None:
     import aiohttp
 
-    from gateway.api.usage import Thresholds
-    from gateway.cli import free_port
+    from gateway.alerts import Thresholds
     from gateway.rules import AlertsConfig
+    from gateway.runtime import free_port
 
     await ledger.create_org("acme", "pro")
     config = AlertsConfig(

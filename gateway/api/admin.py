@@ -1,57 +1,67 @@
 """The operators' API under ``/v1/admin/``: organizations, plans, licenses, grants, quotas,
-held reservations, charge refunds and the journal. Every call needs an admin (the
-``GATEWAY_ADMIN_TOKEN`` or a JWT with the admin role) and every change is recorded with
-the admin's identity."""
+held reservations, charge refunds, the journal, the rules in force and explain.
+
+It is an aiohttp sub-application whose middleware admits only an admin (the
+``GATEWAY_ADMIN_TOKEN`` or a JWT with the admin role) and turns the ledger's refusals into
+the contract's errors; handlers raise. Every change is recorded with the admin's identity."""
 
 from __future__ import annotations
 
+import hmac
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from gateway.api.usage import _json_body as json_body
-from gateway.api.usage import organization_stats
-from gateway.errors import GatewayError, InvalidRequest, LedgerError, NoReservation
-from gateway.state import STATE, GatewayState
+from gateway.api.stats import organization_stats
+from gateway.errors import (
+    AdminOnly,
+    Conflict,
+    GatewayError,
+    InvalidRequest,
+    LedgerError,
+    NoReservation,
+    NotFound,
+)
+from gateway.explain import explain
+from gateway.middleware import MAX_TOKENS, PRINCIPAL, json_body, whole_tokens
+from gateway.state import STATE
 
-Handler = Callable[[web.Request, GatewayState, str], Awaitable[web.Response]]
-
-
-class NotFound(GatewayError):
-    status = 404
-    code = "not_found"
-    title = "Not found"
-
-
-class Conflict(GatewayError):
-    status = 409
-    code = "conflict"
-    title = "Conflict"
+ACTOR = web.RequestKey("actor", str)
 
 
-def admin_only(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def wrapped(request: web.Request) -> web.Response:
-        from gateway.app import require_admin
+async def require_admin(request: web.Request) -> str:
+    """The caller's name if it may use /v1/admin/: the GATEWAY_ADMIN_TOKEN, or a JWT with
+    the configured admin role. Raises InvalidToken or AdminOnly."""
+    state = request.config_dict[STATE]
+    header = request.headers.get("Authorization", "")
+    admin_token = state.environ.get("GATEWAY_ADMIN_TOKEN")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    if admin_token and given and hmac.compare_digest(given.encode(), admin_token.encode()):
+        return "admin-token"
+    principal = await state.active.auth.authenticate(header or None)
+    request[PRINCIPAL] = principal
+    role = state.rules.document.auth.admin_role
+    if role not in principal.roles:
+        raise AdminOnly(f"this endpoint needs the '{role}' role")
+    return f"{principal.org}/{principal.user}"
 
-        state = request.app[STATE]
-        try:
-            actor = await require_admin(request)
-            return await handler(request, state, f"admin:{actor}")
-        except LedgerError as exc:
-            error: GatewayError
-            if exc.reason in ("unknown_organization", "not_found"):
-                error = NotFound(str(exc))
-            elif exc.reason in ("invalid_amount", "unknown_plan"):
-                error = InvalidRequest(str(exc))
-            else:
-                error = Conflict(str(exc), reason=exc.reason)
-            return error.response(instance=request.path)
-        except GatewayError as exc:
-            return exc.response(instance=request.path)
 
-    return wrapped
+@web.middleware
+async def _admins_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[ACTOR] = f"admin:{await require_admin(request)}"
+    try:
+        return await handler(request)
+    except LedgerError as exc:
+        error: GatewayError
+        if exc.reason in ("unknown_organization", "not_found"):
+            error = NotFound(str(exc))
+        elif exc.reason in ("invalid_amount", "unknown_plan"):
+            error = InvalidRequest(str(exc))
+        else:
+            error = Conflict(str(exc), reason=exc.reason)
+        raise error from exc
 
 
 def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
@@ -63,10 +73,8 @@ def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True
     return value
 
 
-@admin_only
-async def create_organization(
-    request: web.Request, state: GatewayState, actor: str
-) -> web.Response:
+async def create_organization(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     org, plan = _field(body, "id", str), _field(body, "plan", str)
     await state.ledger.create_org(org, plan)
@@ -74,21 +82,21 @@ async def create_organization(
     return web.json_response(await organization_stats(state, org), status=201)
 
 
-@admin_only
-async def read_organization(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def read_organization(request: web.Request) -> web.Response:
+    state = request.config_dict[STATE]
     return web.json_response(await organization_stats(state, request.match_info["org"]))
 
 
-@admin_only
-async def set_plan(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def set_plan(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     org = request.match_info["org"]
     changed = await state.ledger.set_plan(org, _field(body, "plan", str), actor=actor)
     return web.json_response({"changed": changed, **await organization_stats(state, org)})
 
 
-@admin_only
-async def set_license(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def set_license(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     license_state = _field(body, "state", str)
     if license_state not in ("active", "past_due", "suspended", "canceled"):
@@ -97,14 +105,16 @@ async def set_license(request: web.Request, state: GatewayState, actor: str) -> 
     return web.json_response({"changed": changed, "state": license_state})
 
 
-@admin_only
-async def grant(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def grant(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     org = request.match_info["org"]
     token_type = _field(body, "token_type", str)
     if token_type not in state.rules.document.token_types:
         raise InvalidRequest(f"unknown token type '{token_type}'")
     amount = _field(body, "amount", int)
+    if amount == 0 or abs(amount) > MAX_TOKENS:
+        raise InvalidRequest(f"'amount' must be a non-zero whole number within ±{MAX_TOKENS}")
     reason = _field(body, "reason", str)
     bucket = body.get("bucket", "purchased")
     if bucket not in ("purchased", "allowance"):
@@ -124,8 +134,8 @@ async def grant(request: web.Request, state: GatewayState, actor: str) -> web.Re
     )
 
 
-@admin_only
-async def set_quota(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def set_quota(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     org = request.match_info["org"]
     user, team = body.get("user"), body.get("team")
@@ -135,15 +145,15 @@ async def set_quota(request: web.Request, state: GatewayState, actor: str) -> we
     if token_type not in state.rules.document.token_types:
         raise InvalidRequest(f"unknown token type '{token_type}'")
     amount = _field(body, "amount", int, required=False)
-    if amount is not None and amount < 0:
-        raise InvalidRequest("'amount' cannot be negative (null clears the quota)")
+    if amount is not None:
+        whole_tokens(amount, "amount")
     subject = f"user:{user}" if user else f"team:{team}"
     await state.ledger.set_quota(org, subject, token_type, amount, actor=actor)
     return web.json_response({"subject": subject, "token_type": token_type, "amount": amount})
 
 
-@admin_only
-async def set_team(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def set_team(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     users = body.get("users")
     if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
@@ -154,8 +164,8 @@ async def set_team(request: web.Request, state: GatewayState, actor: str) -> web
     return web.json_response({"team": request.match_info["team"], "users": users})
 
 
-@admin_only
-async def held_reservations(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def held_reservations(request: web.Request) -> web.Response:
+    state = request.config_dict[STATE]
     org = request.match_info["org"]
     if await state.ledger.organization(org) is None:
         raise NotFound(f"organization '{org}' does not exist")
@@ -178,8 +188,8 @@ async def held_reservations(request: web.Request, state: GatewayState, actor: st
     )
 
 
-@admin_only
-async def refund_charge(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def refund_charge(request: web.Request) -> web.Response:
+    state, actor = request.config_dict[STATE], request[ACTOR]
     body = await json_body(request)
     reason = _field(body, "reason", str)
     try:
@@ -194,8 +204,8 @@ async def refund_charge(request: web.Request, state: GatewayState, actor: str) -
     )
 
 
-@admin_only
-async def journal(request: web.Request, state: GatewayState, actor: str) -> web.Response:
+async def journal(request: web.Request) -> web.Response:
+    state = request.config_dict[STATE]
     org = request.match_info["org"]
     if await state.ledger.organization(org) is None:
         raise NotFound(f"organization '{org}' does not exist")
@@ -222,15 +232,53 @@ async def journal(request: web.Request, state: GatewayState, actor: str) -> web.
     return web.json_response({"entries": entries, "next_before": next_before})
 
 
-def add_routes(app: web.Application) -> None:
+async def rules_in_force(request: web.Request) -> web.Response:
+    state = request.config_dict[STATE]
+    rules = state.rules
+    return web.json_response(
+        {
+            "version": rules.version,
+            "source": rules.source,
+            "loaded_at": state.active.loaded_at,
+            "last_reload": state.last_reload or None,
+            "rules": rules.document.model_dump(mode="json"),
+        }
+    )
+
+
+async def explain_request(request: web.Request) -> web.Response:
+    state = request.config_dict[STATE]
+    method = request.query.get("method", "POST").upper()
+    path = request.query.get("path")
+    if not path:
+        raise InvalidRequest("give ?method=POST&path=/v1/...&token=<jwt>")
+    report = await explain(
+        state.rules,
+        method,
+        path,
+        token=request.query.get("token"),
+        auth=state.active.auth,
+        ledger=state.ledger,
+        limiter=state.limiter,
+        limits_for=state.limits_for,
+    )
+    return web.json_response(report)
+
+
+def admin_app() -> web.Application:
+    """The admin API, to mount at ``/v1/admin/``."""
+    app = web.Application(middlewares=[_admins_only])
     r = app.router
-    r.add_post("/v1/admin/organizations", create_organization)
-    r.add_get("/v1/admin/organizations/{org}", read_organization)
-    r.add_put("/v1/admin/organizations/{org}/plan", set_plan)
-    r.add_put("/v1/admin/organizations/{org}/license", set_license)
-    r.add_post("/v1/admin/organizations/{org}/grants", grant)
-    r.add_put("/v1/admin/organizations/{org}/quotas", set_quota)
-    r.add_put("/v1/admin/organizations/{org}/teams/{team}", set_team)
-    r.add_get("/v1/admin/organizations/{org}/reservations", held_reservations)
-    r.add_get("/v1/admin/organizations/{org}/journal", journal)
-    r.add_post("/v1/admin/reservations/{id}/refund-charge", refund_charge)
+    r.add_post("/organizations", create_organization)
+    r.add_get("/organizations/{org}", read_organization)
+    r.add_put("/organizations/{org}/plan", set_plan)
+    r.add_put("/organizations/{org}/license", set_license)
+    r.add_post("/organizations/{org}/grants", grant)
+    r.add_put("/organizations/{org}/quotas", set_quota)
+    r.add_put("/organizations/{org}/teams/{team}", set_team)
+    r.add_get("/organizations/{org}/reservations", held_reservations)
+    r.add_get("/organizations/{org}/journal", journal)
+    r.add_post("/reservations/{id}/refund-charge", refund_charge)
+    r.add_get("/rules", rules_in_force)
+    r.add_get("/explain", explain_request)
+    return app

@@ -12,27 +12,19 @@ import stripe
 from aiohttp import web
 from stripe._http_client import AIOHTTPClient
 
-from gateway.api.usage import _json_body as json_body
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.errors import BillingNotConfigured, GatewayError, InvalidRequest, UpstreamError
+from gateway.middleware import json_body
 from gateway.state import STATE
 
 log = logging.getLogger("gateway.billing")
 
 
-class BillingNotConfigured(GatewayError):
-    status = 404
-    code = "billing_not_configured"
-    title = "Billing is not configured"
-
-
 async def create_checkout(request: web.Request) -> web.Response:
-    from gateway.app import ENVIRON
-
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     billing = state.rules.document.billing
     try:
         principal = await state.active.auth.authenticate(request.headers.get("Authorization"))
-        api_key = request.app[ENVIRON].get(billing.api_key_env)
+        api_key = state.environ.get(billing.api_key_env)
         if not api_key or not billing.packs:
             raise BillingNotConfigured(
                 f"token packs are not for sale here: no billing.packs or no {billing.api_key_env}"

@@ -1,12 +1,30 @@
 """The ledger: balances, reservations and the journal on PostgreSQL."""
 
-from gateway.ledger.ledger import (
+from gateway.ledger.ledger import Ledger
+from gateway.ledger.records import (
     Account,
-    Ledger,
+    GateStatus,
+    LicenseState,
     Reservation,
     ReserveOutcome,
+    ReserveStatus,
     Settlement,
+    Source,
     Violation,
 )
+from gateway.ledger.seam import FUNCTION_FILES, wait_for_ledger
 
-__all__ = ["Account", "Ledger", "Reservation", "ReserveOutcome", "Settlement", "Violation"]
+__all__ = [
+    "FUNCTION_FILES",
+    "Account",
+    "GateStatus",
+    "Ledger",
+    "LicenseState",
+    "Reservation",
+    "ReserveOutcome",
+    "ReserveStatus",
+    "Settlement",
+    "Source",
+    "Violation",
+    "wait_for_ledger",
+]

@@ -16,19 +16,28 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.errors import (
     Blocked,
+    GatewayError,
     LimiterUnavailable,
     RateLimited,
     TooFrequent,
     TooManyInFlight,
 )
-from gateway.limits.config import Blocks, Effective, LimitsConfig, Spike
+from gateway.limits.config import (
+    Blocks,
+    Concurrency,
+    Effective,
+    LimitsConfig,
+    MinInterval,
+    RateLimit,
+    Spike,
+)
 
 log = logging.getLogger("gateway.limits")
 
@@ -74,6 +83,56 @@ class SpikeAlert:
     baseline: float
     window_minutes: int
     blocked: bool
+
+
+class LimitVerdict(NamedTuple):
+    """One limit's verdict on a request: ``refusal`` is the error ``admit`` raises."""
+
+    limit: str
+    detail: str
+    refusal: GatewayError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.refusal is None
+
+
+# The errors of the limits, one constructor each, shared by ``admit`` and ``peek``.
+
+
+def _blocked(org: str, user: str, index: int, retry_ms: float) -> Blocked:
+    whom = f"user '{user}'" if index == 1 else f"organization '{org}'"
+    return Blocked(
+        f"{whom} is blocked after repeated refusals or unusual spend; "
+        "try again later or ask an operator to lift the block",
+        headers={"Retry-After": str(_retry_seconds(retry_ms))},
+    )
+
+
+def _rate_limited(rate: RateLimit, retry_ms: float, headers: dict[str, str]) -> RateLimited:
+    return RateLimited(
+        f"more than {rate.count} requests per {rate.window_seconds}s "
+        f"({'organization' if rate.per == 'organization' else 'user'} limit)",
+        headers={"Retry-After": str(_retry_seconds(retry_ms)), **headers},
+        limit=rate.limit,
+    )
+
+
+def _too_frequent(
+    token_type: str, gap: MinInterval, retry_ms: float, headers: dict[str, str]
+) -> TooFrequent:
+    return TooFrequent(
+        f"at most one {token_type} request every {gap.seconds:g}s",
+        headers={"Retry-After": str(_retry_seconds(retry_ms)), **headers},
+    )
+
+
+def _too_many_in_flight(cap: Concurrency, headers: dict[str, str]) -> TooManyInFlight:
+    return TooManyInFlight(
+        f"at most {cap.max} requests in flight at once "
+        f"({'organization' if cap.per == 'organization' else 'user'} limit)",
+        headers={"Retry-After": "1", **headers},
+    )
 
 
 class Limiter:
@@ -125,6 +184,10 @@ class Limiter:
 
     def _ip_key(self, address: str, part: str) -> str:
         return f"{self._prefix}{{ip:{_clean(address)}}}:{part}"
+
+    def _rate_key(self, org: str, user: str, rate: RateLimit) -> str:
+        subject = self._subject(rate.per, user)
+        return self._key(org, "rate", subject, str(rate.window_seconds), str(rate.count))
 
     @staticmethod
     def _subject(per: str, user: str) -> str:
@@ -213,23 +276,12 @@ class Limiter:
             ]
             index, retry_ms = await self._run("blocked", keys, [now])
             if index:
-                whom = f"user '{user}'" if index == 1 else f"organization '{org}'"
-                raise Blocked(
-                    f"{whom} is blocked after repeated refusals or unusual spend; "
-                    "try again later or ask an operator to lift the block",
-                    headers={"Retry-After": str(_retry_seconds(retry_ms))},
-                )
+                raise _blocked(org, user, index, retry_ms)
         policies: list[str] = []
         states: list[str] = []
         for rate in limits.rate:
             window_ms = rate.window_seconds * 1000
-            key = self._key(
-                org,
-                "rate",
-                self._subject(rate.per, user),
-                str(rate.window_seconds),
-                str(rate.count),
-            )
+            key = self._rate_key(org, user, rate)
             admitted, remaining, retry_ms, reset_ms = await self._run(
                 "rate", [key], [now, window_ms, rate.count, uuid.uuid4().hex]
             )
@@ -237,15 +289,10 @@ class Limiter:
             policies.append(f'"{name}";q={rate.count};w={rate.window_seconds}')
             states.append(f'"{name}";r={remaining};t={_retry_seconds(reset_ms)}')
             if not admitted:
-                raise RateLimited(
-                    f"more than {rate.count} requests per {rate.window_seconds}s "
-                    f"({'organization' if rate.per == 'organization' else 'user'} limit)",
-                    headers={
-                        "Retry-After": str(_retry_seconds(retry_ms)),
-                        "RateLimit-Policy": ", ".join(policies),
-                        "RateLimit": ", ".join(states),
-                    },
-                    limit=rate.limit,
+                raise _rate_limited(
+                    rate,
+                    retry_ms,
+                    {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)},
                 )
         if policies:
             admission.headers = {
@@ -259,10 +306,7 @@ class Limiter:
                 "min_interval", [key], [now, max(1, int(gap.seconds * 1000))]
             )
             if not admitted:
-                raise TooFrequent(
-                    f"at most one {token_type} request every {gap.seconds:g}s",
-                    headers={"Retry-After": str(_retry_seconds(retry_ms)), **admission.headers},
-                )
+                raise _too_frequent(token_type, gap, retry_ms, admission.headers)
         cap = limits.concurrency
         if cap is not None:
             key = self._key(org, "inflight", self._subject(cap.per, user))
@@ -272,33 +316,27 @@ class Limiter:
                 "concurrency", [key], [now, cap.max, lease, lease_ms]
             )
             if not admitted:
-                raise TooManyInFlight(
-                    f"at most {cap.max} requests in flight at once "
-                    f"({'organization' if cap.per == 'organization' else 'user'} limit)",
-                    headers={"Retry-After": "1", **admission.headers},
-                )
+                raise _too_many_in_flight(cap, admission.headers)
             admission.leases.append((key, lease))
 
     async def peek(
         self, org: str, user: str, token_type: str, limits: Effective
-    ) -> list[tuple[str, bool, str]]:
-        """Each limit's verdict for a request now, consuming nothing: (limit, would
-        admit, detail). Raises ``LimiterUnavailable``."""
+    ) -> list[LimitVerdict]:
+        """Each limit's verdict for a request now, consuming nothing, with the error
+        ``admit`` would refuse it with. Raises ``LimiterUnavailable``."""
         now = self.clock_ms()
-        verdicts: list[tuple[str, bool, str]] = []
+        verdicts: list[LimitVerdict] = []
         keys = [self._key(org, "block", self._subject("user", user)), self._key(org, "block", "o")]
         index, retry_ms = await self._run("blocked", keys, [now])
         verdicts.append(
-            ("blocks", not index, f"blocked for {_retry_seconds(retry_ms)}s" if index else "none")
+            LimitVerdict(
+                "blocks",
+                f"blocked for {_retry_seconds(retry_ms)}s" if index else "none",
+                _blocked(org, user, index, retry_ms) if index else None,
+            )
         )
         for rate in limits.rate:
-            key = self._key(
-                org,
-                "rate",
-                self._subject(rate.per, user),
-                str(rate.window_seconds),
-                str(rate.count),
-            )
+            key = self._rate_key(org, user, rate)
             admitted, remaining, retry_ms, _ = await self._run(
                 "rate", [key], [now, rate.window_seconds * 1000, rate.count, "-", "dry"]
             )
@@ -306,16 +344,25 @@ class Limiter:
             detail = f"{left} of {rate.count} left per {rate.window_seconds}s"
             if not admitted:
                 detail += f"; retry in {_retry_seconds(retry_ms)}s"
-            verdicts.append((f"rate {rate.limit} per {rate.per}", bool(admitted), detail))
+            verdicts.append(
+                LimitVerdict(
+                    f"rate {rate.limit} per {rate.per}",
+                    detail,
+                    None if admitted else _rate_limited(rate, retry_ms, {}),
+                )
+            )
         gap = limits.min_interval
         if gap is not None:
             key = self._key(org, "gap", self._subject(gap.per, user), _clean(token_type))
             admitted, retry_ms = await self._run(
                 "min_interval", [key], [now, max(1, int(gap.seconds * 1000)), "dry"]
             )
-            detail = "free" if admitted else f"retry in {_retry_seconds(retry_ms)}s"
             verdicts.append(
-                (f"min_interval {gap.seconds:g}s per {gap.per}", bool(admitted), detail)
+                LimitVerdict(
+                    f"min_interval {gap.seconds:g}s per {gap.per}",
+                    "free" if admitted else f"retry in {_retry_seconds(retry_ms)}s",
+                    None if admitted else _too_frequent(token_type, gap, retry_ms, {}),
+                )
             )
         cap = limits.concurrency
         if cap is not None:
@@ -324,7 +371,11 @@ class Limiter:
                 "concurrency", [key], [now, cap.max, "-", 0, "dry"]
             )
             verdicts.append(
-                (f"concurrency {cap.max} per {cap.per}", bool(admitted), f"{in_flight} in flight")
+                LimitVerdict(
+                    f"concurrency {cap.max} per {cap.per}",
+                    f"{in_flight} in flight",
+                    None if admitted else _too_many_in_flight(cap, {}),
+                )
             )
         return verdicts
 

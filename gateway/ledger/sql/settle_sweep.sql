@@ -1,0 +1,180 @@
+-- Settling reservations (commit, refund, expire), the sweepers, and giving a settled
+-- charge back.
+-- Re-applied (CREATE OR REPLACE) by every migrate, after periods.sql (see FUNCTION_FILES).
+
+-- Resolve a held reservation exactly once: commit (charging p_charged <= amount and
+-- releasing the rest), refund or expire (releasing everything). The charge is taken from
+-- allowance first. Released allowance lapses when its period has since been refreshed,
+-- and pays off the account's overdrawn allowance (a move to a smaller plan) first.
+-- p_org, p_source (NULL: any): a reservation of another organization or made through
+-- another source is answered exactly as an unknown one, not_found.
+-- status: ok | not_found | already_committed | already_refunded | already_expired
+--       | exceeds_amount
+CREATE OR REPLACE FUNCTION gw_settle(
+    p_id uuid, p_outcome text, p_charged bigint, p_now timestamptz, p_actor text,
+    p_reason text, p_org text, p_source text
+) RETURNS TABLE (status text, charged bigint, allowance bigint, purchased bigint,
+                 token_type text, org_id text, allocated bigint, period_start timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_res reservations;
+    v_acct accounts;
+    v_charged bigint;
+    v_charged_a bigint;
+    v_release_a bigint;
+    v_release_p bigint;
+    v_lapse bigint := 0;
+    v_paid_off bigint := 0;
+BEGIN
+    SELECT * INTO v_res FROM reservations r
+        WHERE r.id = p_id AND (p_org IS NULL OR r.org_id = p_org)
+          AND (p_source IS NULL OR r.source = p_source)
+        FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'not_found', 0::bigint, 0::bigint, 0::bigint, NULL::text,
+            NULL::text, 0::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF v_res.state <> 'held' THEN
+        SELECT * INTO v_acct FROM accounts a
+            WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
+        RETURN QUERY SELECT 'already_' || v_res.state, coalesce(v_res.charged, 0),
+            v_acct.allowance, v_acct.purchased, v_res.token_type, v_res.org_id,
+            v_acct.allocated, v_acct.period_start;
+        RETURN;
+    END IF;
+    v_charged := CASE WHEN p_outcome = 'commit' THEN coalesce(p_charged, v_res.amount) ELSE 0 END;
+    IF v_charged < 0 OR v_charged > v_res.amount THEN
+        RETURN QUERY SELECT 'exceeds_amount', v_charged, 0::bigint, 0::bigint, v_res.token_type,
+            v_res.org_id, 0::bigint, NULL::timestamptz;
+        RETURN;
+    END IF;
+
+    v_charged_a := least(v_res.from_allowance, v_charged);
+    v_release_a := v_res.from_allowance - v_charged_a;
+    v_release_p := v_res.from_purchased - (v_charged - v_charged_a);
+
+    SELECT * INTO v_acct FROM accounts a
+        WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type FOR UPDATE;
+    IF v_acct.period_start <> v_res.period_start THEN
+        v_lapse := v_release_a;
+    ELSE
+        v_paid_off := least(v_release_a, v_acct.overdrawn);
+    END IF;
+
+    UPDATE accounts a SET allowance = a.allowance + v_release_a - v_lapse - v_paid_off,
+            overdrawn = a.overdrawn - v_paid_off,
+            purchased = a.purchased + v_release_p,
+            reserved = a.reserved - v_res.amount
+        WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type
+        RETURNING * INTO v_acct;
+    UPDATE reservations r SET state = CASE p_outcome WHEN 'commit' THEN 'committed'
+                WHEN 'refund' THEN 'refunded' ELSE 'expired' END,
+            charged = v_charged, settled_at = p_now
+        WHERE r.id = p_id;
+    INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
+            reserved_delta, reservation_id, route, user_id, actor, reason, request_id)
+        VALUES (p_now, v_res.org_id, v_res.token_type, p_outcome, v_release_a, v_release_p,
+            -v_res.amount, p_id, v_res.route, v_res.user_id, p_actor, p_reason,
+            v_res.request_id);
+    IF v_lapse > 0 THEN
+        INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, reservation_id,
+                actor, reason)
+            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_lapse, p_id, 'ledger',
+                'released allowance of the period that started ' || v_res.period_start);
+    END IF;
+    IF v_paid_off > 0 THEN
+        INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, reservation_id,
+                actor, reason)
+            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_paid_off, p_id,
+                'ledger', 'released allowance beyond what the plan now allocates this period');
+    END IF;
+    RETURN QUERY SELECT 'ok', v_charged, v_acct.allowance, v_acct.purchased, v_res.token_type,
+        v_res.org_id, v_acct.allocated, v_acct.period_start;
+END
+$$;
+
+-- Expire held reservations past their expires_at (their gateway died mid-request).
+-- Any number of gateways may run this at once: SKIP LOCKED hands each row to one of them.
+-- Returns one row per token type: how many reservations and tokens were expired.
+CREATE OR REPLACE FUNCTION gw_expire_overdue(p_now timestamptz, p_limit int)
+RETURNS TABLE (token_type text, reservations int, tokens bigint) LANGUAGE plpgsql AS $$
+DECLARE
+    v_row record;
+    v_types text[] := '{}';
+    v_amounts bigint[] := '{}';
+BEGIN
+    FOR v_row IN
+        SELECT r.id, r.token_type, r.amount FROM reservations r
+            WHERE r.state = 'held' AND r.expires_at <= p_now
+            ORDER BY r.org_id, r.token_type
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM gw_settle(v_row.id, 'expire', 0, p_now, 'sweeper',
+                          'held past its expiry: the request was never settled', NULL, NULL);
+        v_types := v_types || v_row.token_type;
+        v_amounts := v_amounts || v_row.amount;
+    END LOOP;
+    RETURN QUERY SELECT u.t, count(*)::int, sum(u.a)::bigint
+        FROM unnest(v_types, v_amounts) AS u(t, a) GROUP BY u.t;
+END
+$$;
+
+-- Refresh every account whose period has ended, so that balances are current even for
+-- organizations that make no requests. Returns how many accounts were refreshed.
+CREATE OR REPLACE FUNCTION gw_refresh_overdue(p_now timestamptz, p_limit int)
+RETURNS int LANGUAGE plpgsql AS $$
+DECLARE
+    v_row record;
+    v_count int := 0;
+BEGIN
+    FOR v_row IN
+        SELECT a.org_id, a.token_type FROM accounts a
+            WHERE a.period_end <= p_now
+            ORDER BY a.org_id, a.token_type
+            LIMIT p_limit
+            FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM gw_touch_account(v_row.org_id, v_row.token_type, p_now);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+
+-- Give back the charge of a committed reservation, once, as an adjust entry crediting the
+-- purchased bucket (purchased tokens never lapse, whatever period the charge was in).
+-- status: ok | not_found | not_committed | already_refunded | nothing_charged
+CREATE OR REPLACE FUNCTION gw_refund_charge(p_id uuid, p_actor text, p_reason text,
+                                            p_now timestamptz)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_res reservations;
+BEGIN
+    SELECT * INTO v_res FROM reservations WHERE id = p_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    ELSIF v_res.state <> 'committed' THEN
+        RETURN 'not_committed';
+    ELSIF v_res.charge_refunded_at IS NOT NULL THEN
+        RETURN 'already_refunded';
+    ELSIF coalesce(v_res.charged, 0) = 0 THEN
+        RETURN 'nothing_charged';
+    END IF;
+    PERFORM 1 FROM accounts
+        WHERE org_id = v_res.org_id AND token_type = v_res.token_type FOR UPDATE;
+    UPDATE accounts SET purchased = purchased + v_res.charged
+        WHERE org_id = v_res.org_id AND token_type = v_res.token_type;
+    UPDATE reservations SET charge_refunded_at = p_now WHERE id = p_id;
+    INSERT INTO journal (at, org_id, token_type, kind, purchased_delta, reservation_id,
+            route, user_id, actor, reason)
+        VALUES (p_now, v_res.org_id, v_res.token_type, 'adjust', v_res.charged, p_id,
+            v_res.route, v_res.user_id, p_actor, p_reason);
+    INSERT INTO admin_actions (at, org_id, actor, action, detail)
+        VALUES (p_now, v_res.org_id, p_actor, 'refund_charge',
+                jsonb_build_object('reservation', p_id, 'tokens', v_res.charged,
+                                   'reason', p_reason));
+    RETURN 'ok';
+END
+$$;

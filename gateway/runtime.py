@@ -1,0 +1,266 @@
+"""What a running gateway needs around the application: the objects built from the rules,
+the stores (configured or embedded), signals and the event loop. Shared by the ``gateway``
+command, the demo and the application; it imports none of them.
+
+    build_active      every load-time construction from the rules that can fail
+    check_serving     build_active, then close what it built: what ``rules check`` runs
+    open_ledger       PostgreSQL (DATABASE_URL or embedded): connect, migrate, sync plans
+    open_limiter      Redis (REDIS_URL or an embedded Valkey)
+    listening         an application served on a port for the duration of a block
+    wait_for_signal   until SIGINT or SIGTERM (or, for a worker, its supervisor's death)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from gateway.alerts import Alerter
+from gateway.auth import Authenticator
+from gateway.embedded import start_postgres, start_valkey
+from gateway.errors import ConfigError, LedgerUnavailable
+from gateway.ledger import Ledger
+from gateway.limits.limiter import Limiter
+from gateway.proxy import new_session
+from gateway.rules import Rules
+from gateway.settings import Settings
+from gateway.state import Active
+
+log = logging.getLogger("gateway.runtime")
+
+T = TypeVar("T")
+
+# PostgreSQL's SQLSTATE for invalid_schema_name: a search_path naming no existing schema
+# leaves nowhere to create the ledger's tables.
+_INVALID_SCHEMA_NAME = "3F000"
+
+
+class CommandError(Exception):
+    """A command failed in a way the operator can fix; the message says how."""
+
+
+def build_active(
+    rules: Rules, environ: Mapping[str, str], session: aiohttp.ClientSession
+) -> Active:
+    """The rules in force and every object ``serve`` builds from them (the JWT keys, the
+    spike alerter). Raises ``ConfigError`` from ``rules.source`` listing each value that
+    cannot be put in force, by its path (``auth.public_key_file: cannot read ...``);
+    nothing is built then and ``session`` is left unused."""
+    try:
+        auth = Authenticator(rules.document.auth, environ=environ)
+    except ConfigError as exc:
+        raise ConfigError(rules.source, exc.errors) from exc
+    return Active(
+        rules=rules,
+        auth=auth,
+        alerter=Alerter(rules.document.limits.spike, session, environ),
+        loaded_at=time.time(),
+    )
+
+
+async def check_serving(rules: Rules, environ: Mapping[str, str]) -> None:
+    """Build what ``serve`` builds from ``rules`` (``build_active``), then close it.
+    Raises ``ConfigError`` as ``build_active`` does."""
+    async with new_session() as session:
+        active = build_active(rules, environ, session)
+        await active.auth.close()
+        await active.alerter.close()
+
+
+@contextlib.asynccontextmanager
+async def open_ledger(settings: Settings, rules: Rules) -> AsyncIterator[Ledger]:
+    """Connect to the configured (or embedded) PostgreSQL, migrate, and sync plans. Raises
+    ``LedgerUnavailable`` saying which server could not be reached, or that
+    ``GATEWAY_DB_SCHEMA`` names no schema; ``EmbeddedUnavailable`` when the embedded
+    server cannot start."""
+    dsn = settings.database_url
+    if dsn is None:
+        dsn = await asyncio.to_thread(start_postgres, settings.data_dir)
+    try:
+        ledger = await Ledger.connect(dsn, schema=settings.database_schema)
+    except LedgerUnavailable as exc:
+        raise LedgerUnavailable(_unreachable(dsn, exc)) from exc
+    try:
+        try:
+            applied = await ledger.migrate()
+        except LedgerUnavailable as exc:
+            schema = settings.database_schema
+            if schema and getattr(exc.__cause__, "sqlstate", None) == _INVALID_SCHEMA_NAME:
+                raise LedgerUnavailable(
+                    f"GATEWAY_DB_SCHEMA '{schema}': no such schema in database "
+                    f"{_where(dsn)}; create it (CREATE SCHEMA {schema}) or unset the variable"
+                ) from exc
+            raise
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        await ledger.sync_plans(rules.plan_allowances())
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+def _where(dsn: str) -> str:
+    """``'test' at 127.0.0.1:5432`` from a PostgreSQL URL, never its password."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "(DATABASE_URL)"
+    name = unquote(parts.path.lstrip("/")) or unquote(parts.username or "") or "postgres"
+    return f"'{name}' at {_address(dsn)}"
+
+
+def _address(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    try:
+        port = parts.port or 5432
+    except ValueError:  # not a number: asyncpg says so
+        port = 5432
+    return f"{parts.hostname or 'localhost'}:{port}"
+
+
+def _unreachable(dsn: str, exc: LedgerUnavailable) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ConnectionRefusedError):
+        reason = "connection refused"
+    elif isinstance(cause, socket.gaierror):
+        reason = f"unknown host ({cause.strerror})"
+    elif isinstance(cause, TimeoutError):
+        reason = "no answer in time"
+    elif isinstance(cause, OSError) and cause.strerror:
+        reason = cause.strerror.lower()
+    else:
+        reason = str(cause or exc)
+    password = urlsplit(dsn).password if "://" in dsn else None
+    if password:
+        reason = reason.replace(password, "***")
+    if urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+        return f"cannot reach PostgreSQL (DATABASE_URL): {reason}"
+    return f"cannot reach PostgreSQL at {_address(dsn)}: {reason}"
+
+
+@contextlib.asynccontextmanager
+async def open_limiter(settings: Settings, rules: Rules) -> AsyncIterator[Limiter]:
+    """Connect to the configured (or embedded) Redis."""
+    url, stop = settings.redis_url, None
+    if url is None:
+        url, stop = await asyncio.to_thread(start_valkey, settings.data_dir)
+    assert url is not None
+    limiter = Limiter.from_url(url, rules.document.limits, prefix=settings.redis_prefix)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+        if stop is not None:
+            await asyncio.to_thread(stop)
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 60.0,
+    hint: str = "",
+) -> AsyncIterator[None]:
+    """Serve ``app`` on ``host:port`` until the block ends, then stop accepting and let
+    handlers finish for up to ``shutdown_timeout`` seconds before the app's cleanup runs.
+    Raises ``CommandError`` (ending with ``hint``) when the port cannot be bound."""
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=False, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, host, port, reuse_address=not reuse_port, reuse_port=reuse_port or None
+        )
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM (a graceful stop) when its
+    parent dies: a worker must not outlive its supervisor."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        log.warning("cannot ask to be stopped with the supervisor; polling for it instead")
+
+
+async def wait_for_signal(*, orphan_check: bool = False) -> None:
+    """Until SIGINT or SIGTERM; with ``orphan_check`` (a worker of ``serve --workers``),
+    also until the supervisor is gone, so that no worker outlives it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        # Polling: nothing signals a parent's death portably.
+        while os.getppid() == parent:  # noqa: ASYNC110
+            await asyncio.sleep(1)
+        log.error("the supervisor (pid %d) is gone; shutting down", parent)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_parent()) if orphan_check else None
+    try:
+        await stop.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_secret(data_dir: Path) -> str:
+    """A per-installation secret for the demo, kept in ``data_dir`` so that minted tokens
+    survive restarts and ``gateway token`` can find it."""
+    path = data_dir / "demo-jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    path.write_text(secret)
+    path.chmod(0o600)
+    return secret
