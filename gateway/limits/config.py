@@ -2,18 +2,26 @@
 
 Limits are set at three levels, the most specific winning kind by kind: a route's
 ``limits``, then ``limits.plans.<plan>``, then ``limits.default``. A kind set to ``null`` (or
-``rate: []``) at a level switches it off there. With no ``limits`` section at all, the
-defaults below apply: 30 requests a minute per user and 3 seconds between two requests of
-one user to one feature.
+``rate: []``, ``tokens: []``) at a level switches it off there. With no ``limits`` section
+at all, the defaults below apply: 30 requests a minute per user and 3 seconds between two
+requests of one user to one feature, and no cap on tokens.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
 
 Per = Literal["user", "organization"]
 _UNITS = {
@@ -46,10 +54,12 @@ def parse_rate(text: str) -> tuple[int, int]:
     return count, multiple * _UNITS[match.group(3)]
 
 
-class RateLimit(_Strict):
+class _PerWindow(_Strict):
+    """A count per window, per user or per organization, parsed once when the rules load."""
+
     limit: str
     per: Per = "user"
-    name: str | None = None  # shown in RateLimit-Policy; default "<per>-<limit>"
+    _parsed: tuple[int, int] = PrivateAttr()
 
     @field_validator("limit")
     @classmethod
@@ -57,17 +67,31 @@ class RateLimit(_Strict):
         parse_rate(value)
         return value
 
+    def model_post_init(self, context: object, /) -> None:
+        self._parsed = parse_rate(self.limit)
+
     @property
     def count(self) -> int:
-        return parse_rate(self.limit)[0]
+        return self._parsed[0]
 
     @property
     def window_seconds(self) -> int:
-        return parse_rate(self.limit)[1]
+        return self._parsed[1]
+
+
+class RateLimit(_PerWindow):
+    """At most ``count`` requests per window."""
+
+    name: str | None = None  # shown in RateLimit-Policy; default "<per>-<limit>"
 
     @property
     def policy_name(self) -> str:
         return self.name or f"{self.per}-{self.count}-per-{self.window_seconds}s"
+
+
+class TokenRate(_PerWindow):
+    """At most ``count`` tokens charged per window: what requests hold until they settle,
+    then what they were charged."""
 
 
 class MinInterval(_Strict):
@@ -86,14 +110,20 @@ class LimitSet(_Strict):
     rate: list[RateLimit] | None = None
     min_interval: MinInterval | None = None
     concurrency: Concurrency | None = None
+    tokens: list[TokenRate] | None = None
 
-    @field_validator("rate", mode="before")
+    @field_validator("rate", "tokens", mode="before")
     @classmethod
-    def _one_or_many(cls, value: object) -> object:
+    def _one_or_many(cls, value: object, info: ValidationInfo) -> object:
         if isinstance(value, (str, dict)):
             value = [value]
         if isinstance(value, list):
             return [{"limit": v} if isinstance(v, str) else v for v in value]
+        if value is not None and info.field_name == "tokens":  # rate keeps pydantic's message
+            raise ValueError(
+                "must be a limit like '100000/minute', a mapping with 'limit' and 'per', "
+                f"or a list of these, got {json.dumps(value, default=str)}"
+            )
         return value
 
 
@@ -142,6 +172,7 @@ class Effective:
     rate: tuple[RateLimit, ...]
     min_interval: MinInterval | None
     concurrency: Concurrency | None
+    tokens: tuple[TokenRate, ...] = ()
 
 
 def effective(config: LimitsConfig, plan: str | None, route_limits: LimitSet | None) -> Effective:
@@ -158,7 +189,9 @@ def effective(config: LimitsConfig, plan: str | None, route_limits: LimitSet | N
     rate = pick("rate")
     min_interval = pick("min_interval")
     concurrency = pick("concurrency")
+    tokens = pick("tokens")
     assert isinstance(rate, list | None)
     assert isinstance(min_interval, MinInterval | None)
     assert isinstance(concurrency, Concurrency | None)
-    return Effective(tuple(rate or ()), min_interval, concurrency)
+    assert isinstance(tokens, list | None)
+    return Effective(tuple(rate or ()), min_interval, concurrency, tuple(tokens or ()))

@@ -10,34 +10,22 @@ made by ``Limiter.admit``.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.errors import (
-    Blocked,
-    GatewayError,
-    LimiterUnavailable,
-    RateLimited,
-    TooFrequent,
-    TooManyInFlight,
-)
-from gateway.limits.config import (
-    Blocks,
-    Concurrency,
-    Effective,
-    LimitsConfig,
-    MinInterval,
-    RateLimit,
-    Spike,
-)
+from gateway.errors import Blocked, LimiterUnavailable
+from gateway.limits import token_rates
+from gateway.limits import verdicts as refuse
+from gateway.limits.config import Blocks, Effective, LimitsConfig, RateLimit, Spike
+from gateway.limits.token_rates import TokenCheck, TokenEntry
+from gateway.limits.verdicts import LimitVerdict, retry_seconds
 
 log = logging.getLogger("gateway.limits")
 
@@ -45,6 +33,8 @@ ClockMs = Callable[[], int]
 
 # Every key the gateway writes to Redis, under one prefix (default "gw:"):
 #   {org}:rate:<subject>:<window>:<count>  sorted set: admitted hits (sliding log)
+#   {org}:tokens:<subject>:<window>:<cap>  sorted set: token entries by time (sliding log),
+#     and ...:<cap>:amounts                hash: each entry's tokens, and their "total"
 #   {org}:gap:<subject>:<token_type>       last admitted request to one feature
 #   {org}:inflight:<subject>               sorted set: concurrency leases by expiry
 #   {org}:refusals:<subject>               sorted set: recent refusals of a principal
@@ -59,21 +49,18 @@ def _clean(value: str) -> str:
     return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D").replace(":", "%3A")
 
 
-def _retry_seconds(ms: float) -> int:
-    return max(1, math.ceil(ms / 1000))
-
-
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
 
 
 @dataclass
 class Admission:
-    """What ``admit`` took: leases to release when the request ends, and the RateLimit
-    headers to send."""
+    """What ``admit`` took: leases to release when the request ends, the RateLimit headers
+    to send, and the entries in token-rate logs to settle with the actual charge."""
 
     leases: list[tuple[str, str]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    token_entries: list[TokenEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -83,56 +70,6 @@ class SpikeAlert:
     baseline: float
     window_minutes: int
     blocked: bool
-
-
-class LimitVerdict(NamedTuple):
-    """One limit's verdict on a request: ``refusal`` is the error ``admit`` raises."""
-
-    limit: str
-    detail: str
-    refusal: GatewayError | None
-
-    @property
-    def ok(self) -> bool:
-        return self.refusal is None
-
-
-# The errors of the limits, one constructor each, shared by ``admit`` and ``peek``.
-
-
-def _blocked(org: str, user: str, index: int, retry_ms: float) -> Blocked:
-    whom = f"user '{user}'" if index == 1 else f"organization '{org}'"
-    return Blocked(
-        f"{whom} is blocked after repeated refusals or unusual spend; "
-        "try again later or ask an operator to lift the block",
-        headers={"Retry-After": str(_retry_seconds(retry_ms))},
-    )
-
-
-def _rate_limited(rate: RateLimit, retry_ms: float, headers: dict[str, str]) -> RateLimited:
-    return RateLimited(
-        f"more than {rate.count} requests per {rate.window_seconds}s "
-        f"({'organization' if rate.per == 'organization' else 'user'} limit)",
-        headers={"Retry-After": str(_retry_seconds(retry_ms)), **headers},
-        limit=rate.limit,
-    )
-
-
-def _too_frequent(
-    token_type: str, gap: MinInterval, retry_ms: float, headers: dict[str, str]
-) -> TooFrequent:
-    return TooFrequent(
-        f"at most one {token_type} request every {gap.seconds:g}s",
-        headers={"Retry-After": str(_retry_seconds(retry_ms)), **headers},
-    )
-
-
-def _too_many_in_flight(cap: Concurrency, headers: dict[str, str]) -> TooManyInFlight:
-    return TooManyInFlight(
-        f"at most {cap.max} requests in flight at once "
-        f"({'organization' if cap.per == 'organization' else 'user'} limit)",
-        headers={"Retry-After": "1", **headers},
-    )
 
 
 class Limiter:
@@ -153,7 +90,10 @@ class Limiter:
         scripts = resources.files("gateway.limits").joinpath("lua")
         self._scripts = {
             name: client.register_script(scripts.joinpath(f"{name}.lua").read_text())
-            for name in ("rate", "min_interval", "concurrency", "refusals", "blocked", "spike")
+            for name in (
+                *("rate", "min_interval", "concurrency", "refusals", "blocked", "spike"),
+                *("tokens", "settle_tokens"),
+            )
         }
 
     @classmethod
@@ -188,6 +128,16 @@ class Limiter:
     def _rate_key(self, org: str, user: str, rate: RateLimit) -> str:
         subject = self._subject(rate.per, user)
         return self._key(org, "rate", subject, str(rate.window_seconds), str(rate.count))
+
+    async def _check_tokens(
+        self, org: str, user: str, limits: Effective, tokens: int, now: int, entry: str
+    ) -> list[TokenCheck]:
+        logs = [
+            self._key(org, "tokens", self._subject(r.per, user), f"{r.window_seconds}:{r.count}")
+            for r in limits.tokens
+        ]
+        call = token_rates.check_call(logs, limits.tokens, tokens, now, entry)
+        return token_rates.read_checks(logs, limits.tokens, await self._run("tokens", *call))
 
     @staticmethod
     def _subject(per: str, user: str) -> str:
@@ -235,19 +185,33 @@ class Limiter:
         if index:
             raise Blocked(
                 f"too many refused requests from {address}; try again later",
-                headers={"Retry-After": str(_retry_seconds(retry_ms))},
+                headers={"Retry-After": str(retry_seconds(retry_ms))},
             )
 
     async def admit(
-        self, org: str, user: str, token_type: str, limits: Effective, lease_seconds: float
+        self,
+        org: str,
+        user: str,
+        token_type: str,
+        limits: Effective,
+        lease_seconds: float,
+        *,
+        tokens: int = 0,
     ) -> Admission:
-        """Check blocks, rate limits, the minimum interval and the concurrency cap, in that
-        order, stopping at the first refusal. Raises ``Blocked``, ``RateLimited``,
-        ``TooFrequent`` or ``TooManyInFlight`` with ``Retry-After``; with Redis down,
-        admits (``open``) or raises ``LimiterUnavailable`` (``closed``)."""
+        """Check blocks, rate limits, the minimum interval, the concurrency cap and the
+        token rates, in that order, stopping at the first refusal. Raises ``Blocked``,
+        ``RateLimited``, ``TooFrequent`` or ``TooManyInFlight`` with ``Retry-After``; with
+        Redis down, admits (``open``) or raises ``LimiterUnavailable`` (``closed``).
+
+        Token rates admit the request when the tokens in the window plus ``tokens`` (its
+        hold) stay within each cap; a hold of 0 is admitted while the window is below the
+        cap. Every token rate is checked before any records the hold, which then counts
+        until ``settle_tokens`` replaces it with the charge."""
+        if tokens < 0:
+            raise ValueError(f"a request cannot hold {tokens} tokens")
         admission = Admission()
         try:
-            await self._admit(admission, org, user, token_type, limits, lease_seconds)
+            await self._admit(admission, org, user, token_type, limits, lease_seconds, tokens)
         except LimiterUnavailable:
             await self.release(admission)
             if self.config.on_store_error == "closed":
@@ -266,6 +230,7 @@ class Limiter:
         token_type: str,
         limits: Effective,
         lease_seconds: float,
+        tokens: int,
     ) -> None:
         now = self.clock_ms()
         spike_blocks = self.config.spike is not None and self.config.spike.block
@@ -276,7 +241,7 @@ class Limiter:
             ]
             index, retry_ms = await self._run("blocked", keys, [now])
             if index:
-                raise _blocked(org, user, index, retry_ms)
+                raise refuse.blocked(org, user, index, retry_ms)
         policies: list[str] = []
         states: list[str] = []
         for rate in limits.rate:
@@ -287,9 +252,9 @@ class Limiter:
             )
             name = rate.policy_name
             policies.append(f'"{name}";q={rate.count};w={rate.window_seconds}')
-            states.append(f'"{name}";r={remaining};t={_retry_seconds(reset_ms)}')
+            states.append(f'"{name}";r={remaining};t={retry_seconds(reset_ms)}')
             if not admitted:
-                raise _rate_limited(
+                raise refuse.rate_limited(
                     rate,
                     retry_ms,
                     {"RateLimit-Policy": ", ".join(policies), "RateLimit": ", ".join(states)},
@@ -306,7 +271,7 @@ class Limiter:
                 "min_interval", [key], [now, max(1, int(gap.seconds * 1000))]
             )
             if not admitted:
-                raise _too_frequent(token_type, gap, retry_ms, admission.headers)
+                raise refuse.too_frequent(token_type, gap, retry_ms, admission.headers)
         cap = limits.concurrency
         if cap is not None:
             key = self._key(org, "inflight", self._subject(cap.per, user))
@@ -316,14 +281,24 @@ class Limiter:
                 "concurrency", [key], [now, cap.max, lease, lease_ms]
             )
             if not admitted:
-                raise _too_many_in_flight(cap, admission.headers)
+                raise refuse.too_many_in_flight(cap, admission.headers)
             admission.leases.append((key, lease))
+        if limits.tokens:
+            # Last, so that no later check can refuse a request whose hold is recorded.
+            entry = uuid.uuid4().hex
+            checks = await self._check_tokens(org, user, limits, tokens, now, entry)
+            for check in checks:
+                if not check.fits:
+                    raise refuse.tokens_limited(
+                        check.rate, tokens, check.retry_ms, admission.headers
+                    )
+            admission.token_entries = token_rates.entries(checks, entry, tokens)
 
     async def peek(
-        self, org: str, user: str, token_type: str, limits: Effective
+        self, org: str, user: str, token_type: str, limits: Effective, *, tokens: int = 0
     ) -> list[LimitVerdict]:
-        """Each limit's verdict for a request now, consuming nothing, with the error
-        ``admit`` would refuse it with. Raises ``LimiterUnavailable``."""
+        """Each limit's verdict for a request (holding ``tokens``) now, consuming nothing,
+        with the error ``admit`` would refuse it with. Raises ``LimiterUnavailable``."""
         now = self.clock_ms()
         verdicts: list[LimitVerdict] = []
         keys = [self._key(org, "block", self._subject("user", user)), self._key(org, "block", "o")]
@@ -331,8 +306,8 @@ class Limiter:
         verdicts.append(
             LimitVerdict(
                 "blocks",
-                f"blocked for {_retry_seconds(retry_ms)}s" if index else "none",
-                _blocked(org, user, index, retry_ms) if index else None,
+                f"blocked for {retry_seconds(retry_ms)}s" if index else "none",
+                refuse.blocked(org, user, index, retry_ms) if index else None,
             )
         )
         for rate in limits.rate:
@@ -343,12 +318,12 @@ class Limiter:
             left = remaining + 1 if admitted else 0
             detail = f"{left} of {rate.count} left per {rate.window_seconds}s"
             if not admitted:
-                detail += f"; retry in {_retry_seconds(retry_ms)}s"
+                detail += f"; retry in {retry_seconds(retry_ms)}s"
             verdicts.append(
                 LimitVerdict(
                     f"rate {rate.limit} per {rate.per}",
                     detail,
-                    None if admitted else _rate_limited(rate, retry_ms, {}),
+                    None if admitted else refuse.rate_limited(rate, retry_ms, {}),
                 )
             )
         gap = limits.min_interval
@@ -360,8 +335,8 @@ class Limiter:
             verdicts.append(
                 LimitVerdict(
                     f"min_interval {gap.seconds:g}s per {gap.per}",
-                    "free" if admitted else f"retry in {_retry_seconds(retry_ms)}s",
-                    None if admitted else _too_frequent(token_type, gap, retry_ms, {}),
+                    "free" if admitted else f"retry in {retry_seconds(retry_ms)}s",
+                    None if admitted else refuse.too_frequent(token_type, gap, retry_ms, {}),
                 )
             )
         cap = limits.concurrency
@@ -374,10 +349,31 @@ class Limiter:
                 LimitVerdict(
                     f"concurrency {cap.max} per {cap.per}",
                     f"{in_flight} in flight",
-                    None if admitted else _too_many_in_flight(cap, {}),
+                    None if admitted else refuse.too_many_in_flight(cap, {}),
                 )
             )
+        if limits.tokens:
+            checks = await self._check_tokens(org, user, limits, tokens, now, token_rates.DRY)
+            verdicts += [token_rates.verdict(check, tokens) for check in checks]
         return verdicts
+
+    async def settle_tokens(self, admission: Admission, charged: int) -> None:
+        """Replace the hold of ``admission``'s token entries with ``charged``, the request's
+        actual charge (0 for a refund), counted at the time the hold was admitted. Settling
+        again with another charge replaces that one; an entry already out of its window is
+        left alone. Never raises for Redis: an unsettled hold counts until its window ends."""
+        if charged < 0:
+            raise ValueError(f"a request cannot be charged {charged} tokens")
+        if not admission.token_entries:
+            return
+        entries = admission.token_entries
+        call = token_rates.settle_call(entries, self.clock_ms(), charged)
+        try:
+            await self._run("settle_tokens", *call)
+        except LimiterUnavailable as exc:
+            log.warning("could not settle a token-rate hold (it counts until it ages out): %s", exc)
+            return
+        admission.token_entries = [entry._replace(amount=charged) for entry in entries]
 
     async def release(self, admission: Admission) -> None:
         """Give back concurrency slots. Never raises: an unreleased lease expires."""
