@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import re
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
-from gateway.app import build_app, reload_rules
+from gateway import __version__, serving
 from gateway.auth import mint_token
 from gateway.demo import run_demo
 from gateway.embedded import EmbeddedUnavailable
@@ -31,15 +28,11 @@ from gateway.runtime import (
     CommandError,
     build_active,
     check_serving,
-    die_with_parent,
-    listening,
     open_ledger,
     open_limiter,
     run_async,
-    wait_for_signal,
 )
 from gateway.settings import Settings
-from gateway.workers import supervise
 
 log = logging.getLogger("gateway.cli")
 
@@ -55,6 +48,8 @@ environment:
   GATEWAY_LOG_LEVEL   DEBUG, INFO (default), WARNING or ERROR
   GATEWAY_LOG_FORMAT  json (default for serve) or text (default for everything else)
   GATEWAY_ADMIN_TOKEN a bearer token that opens /v1/admin/ (besides the admin role)
+  GATEWAY_HEADER_TIMEOUT     serve's --header-timeout, in seconds (default 10)
+  GATEWAY_KEEPALIVE_TIMEOUT  serve's --keepalive-timeout, in seconds (default 15)
 """
 
 
@@ -118,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes sharing the port (SO_REUSEPORT); default one per core",
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serving.add_timeout_arguments(p)
 
     demo_help = "run the gateway with embedded stores, a sample upstream and seeded organizations"
     p = cmd(sub, "demo", help=demo_help)
@@ -202,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
     log_format = settings.log_format or ("json" if args.command == "serve" else "text")
     configure_logs(settings.log_level, log_format)
     rules_path: Path = args.rules or settings.rules_path
@@ -241,11 +240,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
     if command == "unblock":
         return run_async(_unblock(settings, rules, args))
     if command == "serve":
-        workers = args.workers or os.cpu_count() or 1
-        if workers > 1:
-            run_async(check_serving(rules, os.environ))  # refuse before starting any worker
-            return supervise(settings, rules_path, args.host, args.port, workers)
-        return run_async(_serve(settings, rules, rules_path, args.host, args.port, args.reuse_port))
+        return serving.run(args, settings, rules, rules_path)
     handlers: dict[str, Callable[[Ledger], Awaitable[int]]] = {
         "migrate": lambda ledger: _migrate(),
         "org": lambda ledger: _org(ledger, args),
@@ -455,41 +450,6 @@ async def _explain(settings: Settings, rules: Rules, args: argparse.Namespace) -
             await active.auth.close()
             await active.alerter.close()
     print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0
-
-
-async def _serve(
-    settings: Settings, rules: Rules, rules_path: Path, host: str, port: int, reuse_port: bool
-) -> int:
-    for problem in rules.margin_problems():
-        log.warning("pricing check: %s", problem)
-    if reuse_port:  # a worker of serve --workers
-        parent = os.getppid()
-        die_with_parent()
-        if os.getppid() != parent:  # it died before we asked
-            return 1
-    # What the rules make must load before any store is opened: a bad key file is
-    # reported as such, not after (or as) a database error.
-    await check_serving(rules, os.environ)
-    async with open_ledger(settings, rules) as ledger, open_limiter(settings, rules) as limiter:
-        app = build_app(rules, ledger, limiter, watch=rules_path)
-        # On SIGTERM: stop accepting, give handlers the longest upstream timeout to finish,
-        # then the app's cleanup waits for every exchange to settle.
-        grace = max((r.upstream.timeout_seconds for r in rules.routes), default=30) + 5
-        async with listening(app, host, port, reuse_port=reuse_port, shutdown_timeout=grace):
-            log.info(
-                "gateway listening on http://%s:%d with rules %s (version %s, %d routes)",
-                host,
-                port,
-                rules.source,
-                rules.version,
-                len(rules.routes),
-            )
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
-            )
-            await wait_for_signal(orphan_check=reuse_port)
-            log.info("shutting down: finishing in-flight requests")
     return 0
 
 

@@ -6,7 +6,8 @@ command, the demo and the application; it imports none of them.
     check_serving     build_active, then close what it built: what ``rules check`` runs
     open_ledger       PostgreSQL (DATABASE_URL or embedded): connect, migrate, sync plans
     open_limiter      Redis (REDIS_URL or an embedded Valkey)
-    listening         an application served on a port for the duration of a block
+    listening         an application served on a port for the duration of a block, its
+                      connections bounded in time and size against slow clients
     wait_for_signal   until SIGINT or SIGTERM (or, for a worker, its supervisor's death)
 """
 
@@ -37,7 +38,7 @@ from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.proxy import new_session
 from gateway.rules import Rules
-from gateway.settings import Settings
+from gateway.settings import HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, Settings
 from gateway.state import Active
 
 log = logging.getLogger("gateway.runtime")
@@ -167,6 +168,67 @@ async def open_limiter(settings: Settings, rules: Rules) -> AsyncIterator[Limite
             await asyncio.to_thread(stop)
 
 
+# aiohttp's bounds on a request's head, stated here so that they stay in force whatever its
+# defaults become: a longer request line or header, or more headers, is answered 400.
+MAX_LINE_SIZE = 8190  # bytes in the request line
+MAX_FIELD_SIZE = 8190  # bytes in one header
+MAX_HEADERS = 128  # header lines
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's HTTP connection, plus a deadline for each request's headers.
+
+    aiohttp bounds only how long a connection may wait for a request (its keep-alive
+    timer), and not the time a client may take to send a request's head: a client that
+    sends it a byte at a time would hold the connection for as long as the keep-alive
+    timeout. Here the head must be complete ``header_timeout`` seconds after the connection
+    opens or, on a kept-alive connection, after the next request's first byte; past that,
+    a connection still waiting for it is closed. Bytes arriving do not extend the deadline.
+
+    The deadline reads aiohttp's private ``_request_count`` and ``_waiter``;
+    tests/test_slow_clients.py fails if an aiohttp upgrade changes what they mean."""
+
+    __slots__ = ("_header_timeout", "_header_timer")
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count  # aiohttp counts the request heads it has parsed
+        super().data_received(data)
+        if self._request_count != parsed:
+            self._disarm()
+        elif data and self._header_timer is None and self._awaiting_request():
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _awaiting_request(self) -> bool:
+        # What aiohttp's keep-alive timer checks: no request is queued or being handled.
+        return self._waiter is not None and not self._waiter.done()
+
+    def _arm(self) -> None:
+        self._header_timer = self._loop.call_later(self._header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if self._awaiting_request():
+            self.force_close()
+
+
 @contextlib.asynccontextmanager
 async def listening(
     app: web.Application,
@@ -175,26 +237,52 @@ async def listening(
     *,
     reuse_port: bool = False,
     shutdown_timeout: float = 60.0,
+    header_timeout: float = HEADER_TIMEOUT,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
     hint: str = "",
 ) -> AsyncIterator[None]:
     """Serve ``app`` on ``host:port`` until the block ends, then stop accepting and let
     handlers finish for up to ``shutdown_timeout`` seconds before the app's cleanup runs.
+    A connection is closed when a request's headers are not complete ``header_timeout``
+    seconds after it opened (or after the request's first byte, when kept alive), and when
+    it has been idle between requests for ``keepalive_timeout`` seconds.
     Raises ``CommandError`` (ending with ``hint``) when the port cannot be bound."""
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=False, shutdown_timeout=shutdown_timeout
-    )
+    runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    try:
-        site = web.TCPSite(
-            runner, host, port, reuse_address=not reuse_port, reuse_port=reuse_port or None
+    server = runner.server
+    assert server is not None
+    loop = asyncio.get_running_loop()
+
+    # The connections are ours, not the runner's (whose handler class cannot be chosen);
+    # they still report to its server, which closes them at shutdown.
+    def connection() -> _Connection:
+        return _Connection(
+            server,
+            loop=loop,
+            header_timeout=header_timeout,
+            keepalive_timeout=keepalive_timeout,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
+            access_log=None,
         )
-        await site.start()
+
+    try:
+        listener = await loop.create_server(
+            connection,
+            host,
+            port,
+            backlog=128,  # aiohttp's TCPSite's
+            reuse_address=not reuse_port,
+            reuse_port=reuse_port or None,
+        )
     except OSError as exc:
         await runner.cleanup()
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}{hint}") from exc
     try:
         yield
     finally:
+        listener.close()
         await runner.cleanup()
 
 

@@ -1,11 +1,28 @@
-"""Settings from the environment. rules.yaml says what is sold; these say where things are."""
+"""Settings from the environment. rules.yaml says what is sold; these say where things are,
+and how long a client may keep a connection without sending a request."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers
+KEEPALIVE_TIMEOUT = 15.0  # seconds an idle kept-alive connection stays open
+
+
+def parse_seconds(text: str) -> float:
+    """'10' or '0.5' -> seconds. Raises ``ValueError`` saying why unless it is a positive,
+    finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive number of seconds, got '{text}'")
+    return value
 
 
 @dataclass(frozen=True)
@@ -18,11 +35,23 @@ class Settings:
     rules_path: Path
     log_level: str
     log_format: str | None  # json | text; None: json for serve, text otherwise
+    header_timeout: float = HEADER_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Raises ``ValueError`` naming each variable whose value is not usable."""
         env = os.environ if environ is None else environ
-        return cls(
+        errors: list[str] = []
+
+        def seconds(name: str, default: float) -> float:
+            try:
+                return parse_seconds(env[name]) if env.get(name) else default
+            except ValueError as exc:
+                errors.append(f"{name}: {exc}")
+                return default
+
+        settings = cls(
             database_url=env.get("DATABASE_URL") or None,
             database_schema=env.get("GATEWAY_DB_SCHEMA") or None,
             redis_url=env.get("REDIS_URL") or None,
@@ -31,4 +60,9 @@ class Settings:
             rules_path=Path(env.get("GATEWAY_RULES") or "rules.yaml"),
             log_level=(env.get("GATEWAY_LOG_LEVEL") or "INFO").upper(),
             log_format=(env.get("GATEWAY_LOG_FORMAT") or "").lower() or None,
+            header_timeout=seconds("GATEWAY_HEADER_TIMEOUT", HEADER_TIMEOUT),
+            keepalive_timeout=seconds("GATEWAY_KEEPALIVE_TIMEOUT", KEEPALIVE_TIMEOUT),
         )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return settings
