@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.alerts import Thresholds
 from gateway.api.admin import admin_app
 from gateway.api.dashboard import dashboard, dashboard_asset
-from gateway.api.reservations import create_reservation, settle_reservation
+from gateway.api.reservations import create_reservation, settle_reservation, show_reservation
 from gateway.api.stats import stats
 from gateway.api.tokens import check_balance
 from gateway.billing.checkout import create_checkout
@@ -80,6 +80,7 @@ def build_app(
     app.router.add_get("/v1/tokens/stats", stats)
     app.router.add_post("/v1/tokens/check-balance", check_balance)
     app.router.add_post("/v1/tokens/reservations", create_reservation)
+    app.router.add_get("/v1/tokens/reservations/{id}", show_reservation)
     app.router.add_post(r"/v1/tokens/reservations/{id}/{action:commit|refund}", settle_reservation)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/dashboard/{name}", dashboard_asset)

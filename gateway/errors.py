@@ -262,6 +262,15 @@ class PayloadTooLarge(GatewayError):
     title = "Payload too large"
 
 
+class DuplicateRequest(GatewayError):
+    """A proxied request repeating an Idempotency-Key already used for this route: it is
+    not forwarded again (the body names the earlier reservation and its charge)."""
+
+    status = 409
+    code = "duplicate_request"
+    title = "Duplicate request"
+
+
 class IdempotencyKeyReused(GatewayError):
     status = 422
     code = "idempotency_key_reused"

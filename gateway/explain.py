@@ -71,7 +71,9 @@ async def explain(
     if limiter is not None and limits_for is not None:
         limits = await limits_for(principal.org, route)
         try:
-            verdicts = await limiter.peek(principal.org, principal.user, route.token_type, limits)
+            verdicts = await limiter.peek(
+                principal.org, principal.user, route.token_type, limits, tokens=route.cost
+            )
         except GatewayError as exc:
             closed = rules.document.limits.on_store_error == "closed"
             gate(

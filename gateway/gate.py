@@ -10,9 +10,12 @@ of them can say something the others would not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
+
+from aiohttp import web
 
 from gateway.auth import Principal
 from gateway.errors import (
@@ -20,6 +23,7 @@ from gateway.errors import (
     GatewayError,
     IdempotencyKeyReused,
     InsufficientTokens,
+    InvalidRequest,
     LedgerUnavailable,
     LicenseSuspended,
     PlanForbidden,
@@ -32,9 +36,32 @@ from gateway.rules import Route, RulesDocument
 
 # Statuses of the ledger's gate (and of its reserve) that let a request through.
 PASSING = frozenset({"ok", "duplicate"})
+IDEMPOTENCY_KEY_MAX = 200
 
 
-def _license_suspended(o: ReserveOutcome, route: Route, org: str, _: RulesDocument) -> GatewayError:
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX):
+        raise InvalidRequest(f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    return key
+
+
+def fingerprint(principal: Principal, action: str, route: Route, **what: Any) -> str:
+    """What an idempotency key is bound to: the caller, the action, the feature and its
+    amount, and the rest of the request. The same key with anything else is refused."""
+    material = {
+        "user": principal.user,
+        "action": action,
+        "feature": route.name,
+        "amount": route.cost,
+        **what,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _license_suspended(
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
+) -> GatewayError:
     when = o.license_date
     return LicenseSuspended(
         f"the license of organization '{org}' is suspended"
@@ -44,22 +71,26 @@ def _license_suspended(o: ReserveOutcome, route: Route, org: str, _: RulesDocume
     )
 
 
-def _quota_exceeded(o: ReserveOutcome, route: Route, org: str, _: RulesDocument) -> GatewayError:
+def _quota_exceeded(
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
+) -> GatewayError:
     quota = json.loads(o.detail or "{}")
     kind, _sep, name = str(quota.get("subject", ":")).partition(":")
     whom = f"user '{name}'" if kind == "user" else f"team '{name}'"
     return QuotaExceeded(
-        f"{route.name} costs {route.cost} {route.token_type} tokens and {whom} has used "
+        f"{route.name} costs {cost} {route.token_type} tokens and {whom} has used "
         f"{quota.get('spent')} of its quota of {quota.get('quota')} this period",
         token_type=route.token_type,
-        cost=route.cost,
+        cost=cost,
         quota=quota.get("quota"),
         spent=quota.get("spent"),
         subject=quota.get("subject"),
     )
 
 
-def _feature_degraded(o: ReserveOutcome, route: Route, org: str, _: RulesDocument) -> GatewayError:
+def _feature_degraded(
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
+) -> GatewayError:
     when = o.license_date
     return FeatureDegraded(
         f"{route.token_type} has been switched off"
@@ -79,12 +110,14 @@ def unknown_organization(org: str) -> UnknownOrganization:
 
 
 def _unknown_organization(
-    o: ReserveOutcome, route: Route, org: str, _: RulesDocument
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
 ) -> GatewayError:
     return unknown_organization(org)
 
 
-def _plan_forbidden(o: ReserveOutcome, route: Route, org: str, doc: RulesDocument) -> GatewayError:
+def _plan_forbidden(
+    o: ReserveOutcome, route: Route, org: str, doc: RulesDocument, cost: int
+) -> GatewayError:
     plan = o.plan or "unknown"
     plan_config = doc.plans.get(plan)
     upgrade = plan_config.upgrade_to if plan_config else None
@@ -100,27 +133,31 @@ def _plan_forbidden(o: ReserveOutcome, route: Route, org: str, doc: RulesDocumen
     return PlanForbidden(detail, plan=plan, token_type=route.token_type, upgrade_to=upgrade)
 
 
-def _insufficient(o: ReserveOutcome, route: Route, org: str, _: RulesDocument) -> GatewayError:
+def _insufficient(
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
+) -> GatewayError:
     refresh = o.period_end.isoformat() if o.period_end else None
     return InsufficientTokens(
-        f"{route.name} costs {route.cost} {route.token_type} tokens and "
+        f"{route.name} costs {cost} {route.token_type} tokens and "
         f"organization '{org}' has {o.remaining}"
         + (f"; the allowance refreshes at {refresh}" if refresh else ""),
         token_type=route.token_type,
-        cost=route.cost,
+        cost=cost,
         balance=o.remaining,
         refresh_at=refresh,
     )
 
 
-def _key_reused(o: ReserveOutcome, route: Route, org: str, _: RulesDocument) -> GatewayError:
+def _key_reused(
+    o: ReserveOutcome, route: Route, org: str, _: RulesDocument, cost: int
+) -> GatewayError:
     return IdempotencyKeyReused(
         "this Idempotency-Key was first used for a different request; "
         "use a new key for a new request"
     )
 
 
-_Refusal = Callable[[ReserveOutcome, Route, str, RulesDocument], GatewayError]
+_Refusal = Callable[[ReserveOutcome, Route, str, RulesDocument, int], GatewayError]
 
 # The gate's statuses and the contract's errors: the one table.
 REFUSALS: dict[str, _Refusal] = {
@@ -134,12 +171,19 @@ REFUSALS: dict[str, _Refusal] = {
 }
 
 
-def refusal(outcome: ReserveOutcome, route: Route, org: str, doc: RulesDocument) -> GatewayError:
-    """The contract's error for a gate status that does not pass."""
+def refusal(
+    outcome: ReserveOutcome,
+    route: Route,
+    org: str,
+    doc: RulesDocument,
+    amount: int | None = None,
+) -> GatewayError:
+    """The contract's error for a gate status that does not pass; ``amount`` is what the
+    request would hold (default: the route's cost)."""
     make = REFUSALS.get(outcome.status)
     if make is None:
         return LedgerUnavailable(f"unexpected gate status {outcome.status!r}")
-    return make(outcome, route, org, doc)
+    return make(outcome, route, org, doc, amount if amount is not None else route.cost)
 
 
 def _gate_args(route: Route, doc: RulesDocument) -> dict[str, Any]:
@@ -169,13 +213,15 @@ async def reserve(
     idempotency_key: str | None = None,
     idempotency_fingerprint: str | None = None,
     metadata: dict[str, Any] | None = None,
+    amount: int | None = None,
 ) -> ReserveOutcome:
-    """Hold the route's cost for the caller (status ``ok``, or ``duplicate`` for a repeated
-    idempotency key); every other gate status raises its error."""
+    """Hold ``amount`` (default: the route's cost) for the caller (status ``ok``, or
+    ``duplicate`` for a repeated idempotency key); every other gate status raises its
+    error."""
     outcome = await ledger.reserve(
         principal.org,
         route.token_type,
-        route.cost,
+        amount if amount is not None else route.cost,
         ttl_seconds=ttl_seconds
         or route.upstream.timeout_seconds + doc.ledger.reservation_grace_seconds,
         route=route.name,
@@ -189,7 +235,7 @@ async def reserve(
     )
     if outcome.status in PASSING:
         return outcome
-    raise refusal(outcome, route, principal.org, doc)
+    raise refusal(outcome, route, principal.org, doc, amount)
 
 
 async def judge(

@@ -93,6 +93,12 @@ def upstream_request_headers(
     headers["X-Gateway-User"] = caller.user
     if caller.roles:
         headers["X-Gateway-Roles"] = " ".join(sorted(caller.roles))
+    if route.config.usage is not None:
+        # The answer is read for its usage: uncompressed, so that every byte is readable.
+        headers["Accept-Encoding"] = "identity"
+    # The upstream's own credentials, whatever the client sent under those names.
+    for name, value in route.upstream.headers.items():
+        headers[name] = value
     return headers
 
 
@@ -135,21 +141,31 @@ async def open_upstream(
     route: Route,
     caller: Principal,
     request_id: str,
+    *,
+    body: bytes | None = None,
 ) -> aiohttp.ClientResponse:
     """Send ``request`` to the route's upstream and return its response with the body still
-    to read (the caller must release it). Raises ``UpstreamTimeout`` or ``UpstreamError``."""
+    to read (the caller must release it): ``body`` when given (a body the gateway has read,
+    sent with its own length), else the client's, streamed. Raises ``UpstreamTimeout`` or
+    ``UpstreamError``."""
     upstream = route.upstream
     url = URL(upstream.url + request.raw_path, encoded=True)
     # No total timeout here: the caller budgets the upstream's time over its own reads
     # only, so that a slow client cannot make the upstream look late.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds)
-    data = _body(request) if request.body_exists else None
+    headers = upstream_request_headers(request, route, caller, request_id)
+    data: bytes | AsyncIterator[bytes] | None
+    if body is not None:
+        headers.popall("Content-Length", None)
+        data = body
+    else:
+        data = _body(request) if request.body_exists else None
     try:
         async with asyncio.timeout(upstream.timeout_seconds):
             return await session.request(
                 request.method,
                 url,
-                headers=upstream_request_headers(request, route, caller, request_id),
+                headers=headers,
                 data=data,
                 timeout=timeout,
                 allow_redirects=False,

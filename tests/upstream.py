@@ -4,6 +4,11 @@
 ``hang`` never answers; ``reset`` drops the connection before answering;
 ``sse`` streams events, the second only once ``sse_gate`` is set;
 ``sse_reset`` sends one event and drops the connection; ``slow=S`` waits S seconds first.
+``usage`` answers like an OpenAI-compatible chat backend reporting ``prompt=``,
+``cached=`` and ``completion=`` (JSON, or SSE when the body says ``"stream": true``; its
+final usage chunk only when ``stream_options.include_usage`` is true); ``anthropic`` the
+same in Anthropic's format (``cache_read=``); with ``nousage`` no usage at all, with
+``cut`` a stream is dropped before its usage, with ``pause=S`` each event waits S seconds.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class Upstream:
             await response.write_eof()
             self.finished.append(request.path)
             return response
+        if behave in ("usage", "anthropic"):
+            return await self._usage(request, body, behave == "anthropic")
         if "size" in q:  # a large answer, sent as fast as the connection takes it
             self.finished.append(request.path)
             return web.Response(body=b"x" * int(q["size"]), content_type="application/octet-stream")
@@ -91,5 +98,95 @@ class Upstream:
             content_type="application/json",
             headers={"X-Upstream": "test", "X-Tokens-Charged": "999"},
         )
+        self.finished.append(request.path)
+        return response
+
+    async def _usage(
+        self, request: web.Request, body: bytes, anthropic: bool
+    ) -> web.StreamResponse:
+        q = request.query
+        sent = json.loads(body or b"{}")
+        prompt, cached, completion = (
+            int(q.get(k, "0")) for k in ("prompt", "cached", "completion")
+        )
+        cache_read = int(q.get("cache_read", "0"))
+        reported = "nousage" not in q
+        if anthropic:
+            usage = {"input_tokens": prompt, "output_tokens": completion}
+            if cache_read:
+                usage["cache_read_input_tokens"] = cache_read
+        else:
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
+        if not sent.get("stream"):
+            answer: dict[str, object] = {"id": "x", "model": sent.get("model"), "content": "hi"}
+            if reported:
+                answer["usage"] = usage
+            self.finished.append(request.path)
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        pause = float(q.get("pause", "0"))
+        if anthropic:
+            start = {
+                "type": "message_start",
+                "message": {
+                    "id": "m",
+                    "model": sent.get("model"),
+                    "usage": {**usage, "output_tokens": 1} if reported else {},
+                },
+            }
+            events = [("message_start", start)]
+            events += [
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": f"part {i}"},
+                    },
+                )
+                for i in range(3)
+            ]
+            final = (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": completion},
+                },
+            )
+            lines = [f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events]
+            tail = [f"event: {final[0]}\ndata: {json.dumps(final[1])}\n\n"] if reported else []
+            tail.append('event: message_stop\ndata: {"type": "message_stop"}\n\n')
+        else:
+            with_usage = (sent.get("stream_options") or {}).get("include_usage") is True
+            chunk = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "choices": [{"delta": {"content": "hi"}}],
+            }
+            if with_usage:
+                chunk["usage"] = None
+            lines = [f"data: {json.dumps(chunk)}\n\n" for _ in range(3)]
+            tail = []
+            if with_usage and reported:
+                tail.append(f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n")
+            tail.append("data: [DONE]\n\n")
+        for line in lines:
+            await response.write(line.encode())
+            await asyncio.sleep(pause)
+        if "cut" in q:
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        for line in tail:
+            await response.write(line.encode())
+        await response.write_eof()
         self.finished.append(request.path)
         return response

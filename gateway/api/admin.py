@@ -241,7 +241,7 @@ async def rules_in_force(request: web.Request) -> web.Response:
             "source": rules.source,
             "loaded_at": state.active.loaded_at,
             "last_reload": state.last_reload or None,
-            "rules": rules.document.model_dump(mode="json"),
+            "rules": rules.public(),
         }
     )
 

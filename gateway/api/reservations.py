@@ -9,15 +9,7 @@ import uuid
 
 from aiohttp import web
 
-from gateway.api.tokens import (
-    admit,
-    available,
-    feature,
-    fingerprint,
-    idempotency_key,
-    metadata_of,
-    settled,
-)
+from gateway.api.tokens import admit, available, feature, metadata_of, settled
 from gateway.errors import (
     InvalidCharge,
     InvalidRequest,
@@ -25,7 +17,7 @@ from gateway.errors import (
     NoReservation,
     ReservationSettled,
 )
-from gateway.gate import reserve
+from gateway.gate import fingerprint, idempotency_key, reserve
 from gateway.middleware import authenticate, json_body, request_id, whole_tokens
 from gateway.state import STATE
 
@@ -138,6 +130,38 @@ async def settle_reservation(request: web.Request) -> web.Response:
             "charged": final.charged or 0,
             "remaining": await available(state, principal.org, final.token_type),
             "replayed": replayed,
+        },
+        headers={"X-Request-Id": request_id(request)},
+    )
+
+
+async def show_reservation(request: web.Request) -> web.Response:
+    """``GET .../{id}``: any reservation of the caller's organization, the proxy's
+    included: what it held, its state and, once settled, its exact charge (and, priced by
+    usage, what the backend reported and what went unbilled)."""
+    state = request.config_dict[STATE]
+    principal = await authenticate(request)
+    try:
+        reservation_id = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise NoReservation("no such reservation") from None
+    found = await state.ledger.reservation(reservation_id)
+    if found is None or found.org_id != principal.org:
+        # Another organization's reservation is indistinguishable from none at all.
+        raise NoReservation(f"no reservation {request.match_info['id']}")
+    return web.json_response(
+        {
+            "reservation_id": str(found.id),
+            "feature": found.route,
+            "token_type": found.token_type,
+            "amount": found.amount,
+            "state": found.state,
+            "charged": found.charged or 0,
+            "unbilled": found.unbilled,
+            "usage": found.usage,
+            "user": found.user_id,
+            "created_at": found.created_at.isoformat(),
+            "expires_at": found.expires_at.isoformat(),
         },
         headers={"X-Request-Id": request_id(request)},
     )

@@ -6,22 +6,18 @@ reservation committed at once. A feature is a route's ``name`` in rules.yaml.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from aiohttp import web
 
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, LedgerError, LimiterUnavailable, ReservationSettled
-from gateway.gate import judge, reserve
+from gateway.gate import fingerprint, idempotency_key, judge, reserve
 from gateway.ledger import Settlement
 from gateway.limits.limiter import Admission
 from gateway.middleware import ROUTE_NAME, authenticate, json_body, request_id
 from gateway.rules import Route
 from gateway.state import STATE, GatewayState
-
-_IDEMPOTENCY_KEY_MAX = 200
 
 
 def feature(request: web.Request, state: GatewayState, name: object) -> Route:
@@ -44,31 +40,11 @@ def metadata_of(body: dict[str, Any]) -> dict[str, Any] | None:
     return metadata
 
 
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= _IDEMPOTENCY_KEY_MAX):
-        raise InvalidRequest(f"Idempotency-Key must be 1 to {_IDEMPOTENCY_KEY_MAX} characters")
-    return key
-
-
-def fingerprint(principal: Principal, action: str, route: Route, **what: Any) -> str:
-    """What an idempotency key is bound to: the caller, the action, the feature and its
-    amount, and the rest of the request. The same key with anything else is refused."""
-    material = {
-        "user": principal.user,
-        "action": action,
-        "feature": route.name,
-        "amount": route.cost,
-        **what,
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-
-
 async def admit(state: GatewayState, principal: Principal, route: Route, ttl: float) -> Admission:
     """The route's limits, as for a proxied request."""
     limits = await state.limits_for(principal.org, route)
     admission = await state.limiter.admit(
-        principal.org, principal.user, route.token_type, limits, ttl
+        principal.org, principal.user, route.token_type, limits, ttl, tokens=route.cost
     )
     # Concurrency caps are for requests the gateway forwards; a caller-run reservation
     # outlives this HTTP request, so its slot is not kept.
@@ -147,7 +123,9 @@ async def check(state: GatewayState, principal: Principal, route: Route) -> dict
     refusals: list[dict[str, Any]] = []
     limits = await state.limits_for(principal.org, route)
     try:
-        verdicts = await state.limiter.peek(principal.org, principal.user, route.token_type, limits)
+        verdicts = await state.limiter.peek(
+            principal.org, principal.user, route.token_type, limits, tokens=route.cost
+        )
     except LimiterUnavailable as exc:
         # As the proxy: with on_store_error open the ledger alone answers for the money.
         verdicts = []

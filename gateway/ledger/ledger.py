@@ -135,13 +135,19 @@ class Ledger(LedgerAdmin):
         actor: str = "gateway",
         org: str | None = None,
         source: Source | None = None,
+        usage: dict[str, Any] | None = None,
     ) -> Settlement:
         """Charge ``charged`` (default: the whole amount) and release the rest. With ``org``
         or ``source``, a reservation of another organization or made through another source
-        is treated as unknown. Raises ``LedgerError``: ``not_found``, ``already_committed``,
-        ``already_refunded``, ``already_expired``, ``exceeds_amount`` (``charged`` negative
-        or above the held amount)."""
-        return await self._settle(reservation_id, "commit", charged, actor, None, org, source)
+        is treated as unknown. With ``usage`` (what the backend reported, kept with the
+        reservation) ``charged`` may exceed the hold: the excess is taken from the balance,
+        never below zero, and what it cannot cover comes back as ``unbilled``. Raises
+        ``LedgerError``: ``not_found``, ``already_committed``, ``already_refunded``,
+        ``already_expired``, ``exceeds_amount`` (``charged`` negative, or above the held
+        amount without ``usage``)."""
+        return await self._settle(
+            reservation_id, "commit", charged, actor, None, org, source, usage
+        )
 
     async def refund(
         self,
@@ -165,9 +171,10 @@ class Ledger(LedgerAdmin):
         reason: str | None,
         org: str | None,
         source: Source | None,
+        usage: dict[str, Any] | None = None,
     ) -> Settlement:
         row = await self._fetchrow(
-            "SELECT * FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8)",
+            "SELECT * FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
             reservation_id,
             outcome,
             charged,
@@ -176,6 +183,7 @@ class Ledger(LedgerAdmin):
             reason,
             org,
             source,
+            json.dumps(usage) if usage is not None else None,
         )
         status = row["status"]
         if status != "ok":
@@ -194,6 +202,7 @@ class Ledger(LedgerAdmin):
             org_id=row["org_id"],
             allocated=row["allocated"],
             period_start=row["period_start"],
+            unbilled=row["unbilled"],
         )
 
     async def record_shadow(
@@ -256,10 +265,14 @@ class Ledger(LedgerAdmin):
     async def reservation(self, reservation_id: uuid.UUID) -> Reservation | None:
         rows = await self._fetch(
             "SELECT id, org_id, token_type, amount, state, charged, route, user_id,"
-            " created_at, expires_at, source FROM reservations WHERE id = $1",
+            " created_at, expires_at, source, unbilled, usage FROM reservations WHERE id = $1",
             reservation_id,
         )
-        return Reservation(**dict(rows[0])) if rows else None
+        if not rows:
+            return None
+        row = dict(rows[0])
+        row["usage"] = json.loads(row["usage"]) if row["usage"] is not None else None
+        return Reservation(**row)
 
     async def held_reservations(self, org: str, *, limit: int = 500) -> list[Reservation]:
         rows = await self._fetch(

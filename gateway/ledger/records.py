@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 Clock = Callable[[], datetime]
 
@@ -73,6 +73,7 @@ class Settlement:
     org_id: str
     allocated: int
     period_start: datetime | None
+    unbilled: int = 0  # usage above the hold that the balance could not cover
 
     @property
     def remaining(self) -> int:
@@ -112,6 +113,8 @@ class Reservation:
     created_at: datetime
     expires_at: datetime
     source: Source = "proxy"
+    unbilled: int = 0
+    usage: dict[str, Any] | None = None  # what the backend reported (usage-priced routes)
 
 
 @dataclass(frozen=True)

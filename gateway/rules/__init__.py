@@ -7,6 +7,7 @@ diagnostics   each problem as ``path: what is wrong``, in the order of the file
 references    names one section uses that another must define
 routes        the compiled Rules and Route, and matching a request to a route
 pricing       the margin check of priced plans
+usage         routes priced by what the backend reports: holds and charges
 """
 
 from gateway.rules.loading import load_rules, parse_rules
@@ -31,7 +32,10 @@ from gateway.rules.schema import (
     RulesDocument,
     TokenTypeConfig,
     UpstreamConfig,
+    UsageConfig,
+    UsageRates,
 )
+from gateway.rules.usage import Usage, charge, hold_for
 
 __all__ = [
     "HTTP_METHODS",
@@ -53,7 +57,12 @@ __all__ = [
     "RulesDocument",
     "TokenTypeConfig",
     "UpstreamConfig",
+    "Usage",
+    "UsageConfig",
+    "UsageRates",
+    "charge",
     "compile_path",
+    "hold_for",
     "load_rules",
     "margin_problems",
     "parse_rules",

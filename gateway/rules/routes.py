@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.rules.paths import DOT_SEGMENT, compile_path
 from gateway.rules.pricing import margin_problems
 from gateway.rules.schema import RouteConfig, RulesDocument, UpstreamConfig
+from gateway.rules.usage import nominal_hold
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ class Route:
 
     @property
     def cost(self) -> int:
+        """The fixed cost; for a route priced by usage, the hold of a request that names no
+        model and no limits (the request's own hold is ``gateway.rules.usage.hold_for``)."""
+        if self.config.usage is not None:
+            return nominal_hold(self.config.usage)
+        assert self.config.cost is not None  # the schema requires one of the two
         return self.config.cost
 
     def matches(self, method: str, path: str) -> bool:
@@ -50,6 +57,14 @@ class Rules:
             if route.matches(method, path):
                 return route
         return None
+
+    def public(self) -> dict[str, Any]:
+        """The document as JSON with every secret hidden: an upstream's ``headers`` carry
+        the backends' credentials, so only their names are shown."""
+        document = self.document.model_dump(mode="json")
+        for upstream in document["upstreams"].values():
+            upstream["headers"] = {name: "(secret)" for name in upstream["headers"]}
+        return document
 
     def margin_problems(self) -> list[str]:
         """See ``gateway.rules.pricing.margin_problems``."""

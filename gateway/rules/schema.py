@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.limits.config import LimitsConfig, LimitSet
 from gateway.rules.paths import compile_path
@@ -90,10 +90,53 @@ class AuthConfig(_Strict):
         return [a for a in self.algorithms if not a.startswith("HS")]
 
 
+# Header names an upstream's ``headers`` may not set: the transport's own, and the ones the
+# gateway sets for the upstream (see gateway.proxy).
+RESERVED_HEADERS = frozenset(
+    {
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-request-id",
+        "x-gateway-organization",
+        "x-gateway-user",
+        "x-gateway-roles",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+    }
+)
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 class UpstreamConfig(_Strict):
     url: str
     timeout_seconds: PositiveNumber = 60.0
     connect_timeout_seconds: PositiveNumber = 5.0
+    # Sent on every forwarded request, overriding the client's: the backend's credentials,
+    # e.g. {Authorization: "Bearer ${OPENAI_API_KEY}"}. Values are secrets: never shown.
+    headers: dict[str, str] = {}
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by the gateway itself and cannot be overridden")
+            if any(c in text for c in "\r\n\0"):
+                # The value is a secret: name the header, never echo the value.
+                raise ValueError(f"the value of {name!r} contains a line break or NUL")
+            if not text.strip():
+                raise ValueError(f"the value of {name!r} is empty")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -119,13 +162,36 @@ class PlanConfig(_Strict):
     price: NonNegativeNumber | None = None  # per period, in the currency of backend_cost
 
 
+class UsageRates(_Strict):
+    """Tokens charged per 1,000 of each counter the backend reports."""
+
+    input: NonNegativeNumber
+    output: NonNegativeNumber
+    cached_input: NonNegativeNumber | None = None  # absent: charged as input
+
+
+class UsageConfig(_Strict):
+    """A route charged by what the backend reports it used, rather than a fixed cost."""
+
+    format: Literal["openai", "anthropic"]
+    rates: UsageRates
+    models: dict[str, UsageRates] = {}  # by the request body's "model"
+    hold: PositiveInt | None = None  # absent: estimated from the request
+    on_missing_usage: Literal["hold", "refund"] = "hold"
+    # Estimating the hold: the output a request without max_tokens may produce.
+    default_max_tokens: PositiveInt = 4096
+    max_request_bytes: PositiveInt = 4 * 1024 * 1024  # read to find model, max_tokens, stream
+    max_response_bytes: PositiveInt = 16 * 1024 * 1024  # a JSON answer, read for its usage
+
+
 class RouteConfig(_Strict):
     name: str | None = None
     method: str | list[str] = "*"
     path: str
     upstream: str
     token_type: str
-    cost: PositiveInt
+    cost: PositiveInt | None = None
+    usage: UsageConfig | None = None
     plans: list[str] | None = Field(default=None, min_length=1)
     enforce: bool = True
     forward_authorization: bool = False
@@ -156,6 +222,15 @@ class RouteConfig(_Strict):
     def _pattern(cls, value: str) -> str:
         compile_path(value)  # raises ValueError with the reason
         return value
+
+    @model_validator(mode="after")
+    def _priced_once(self) -> RouteConfig:
+        if (self.cost is None) == (self.usage is None):
+            raise ValueError(
+                "needs exactly one of cost (a fixed price) or usage (priced by what the "
+                "backend reports)"
+            )
+        return self
 
 
 class DegradationStep(_Strict):

@@ -56,11 +56,13 @@ WHERE CASE j.kind
                        OR j.reserved_delta >= 0 OR j.reservation_id IS NULL
     WHEN 'expire' THEN j.allowance_delta + j.purchased_delta + j.reserved_delta <> 0
                        OR j.reserved_delta >= 0 OR j.reservation_id IS NULL
-    -- commit releases part of what it held and destroys the rest (the charge)
-    WHEN 'commit' THEN j.reserved_delta >= 0 OR j.allowance_delta < 0
-                       OR j.purchased_delta < 0
-                       OR j.allowance_delta + j.purchased_delta > -j.reserved_delta
-                       OR j.reservation_id IS NULL
+    -- commit releases part of what it held and destroys the rest (the charge), or, priced
+    -- by usage above its hold, destroys all it held and takes more from the balance
+    WHEN 'commit' THEN j.reserved_delta >= 0 OR j.reservation_id IS NULL
+                       OR NOT ((j.allowance_delta >= 0 AND j.purchased_delta >= 0
+                                AND j.allowance_delta + j.purchased_delta <= -j.reserved_delta
+                                AND j.unbilled = 0)
+                               OR (j.allowance_delta <= 0 AND j.purchased_delta <= 0))
     -- shadow rows record a would-be charge and move nothing
     WHEN 'shadow' THEN j.allowance_delta <> 0 OR j.purchased_delta <> 0 OR j.reserved_delta <> 0
     -- lapse destroys allowance only
@@ -83,10 +85,17 @@ WHERE coalesce(rv.n, 0) <> 1 OR rv.amount <> r.amount
    OR (r.state <> 'held' AND (coalesce(st.n, 0) <> 1 OR st.released <> r.amount))
 UNION ALL
 SELECT 'charge_mismatch',
-       format('reservation %s: charged %s but its commit row destroyed %s',
-              r.id, r.charged, -(j.reserved_delta + j.allowance_delta + j.purchased_delta))
+       format('reservation %s: charged %s (%s unbilled) but its commit row destroyed %s '
+              '(%s unbilled)', r.id, r.charged, r.unbilled,
+              -(j.reserved_delta + j.allowance_delta + j.purchased_delta), j.unbilled)
 FROM reservations r JOIN journal j ON j.reservation_id = r.id AND j.kind = 'commit'
 WHERE r.charged <> -(j.reserved_delta + j.allowance_delta + j.purchased_delta)
+   OR r.unbilled <> j.unbilled
+UNION ALL
+SELECT 'unbilled_without_commit',
+       format('reservation %s (%s): %s unbilled', r.id, r.state, r.unbilled)
+FROM reservations r
+WHERE r.unbilled <> 0 AND r.state <> 'committed'
 UNION ALL
 SELECT 'orphan_journal_row',
        format('journal row %s (%s) names reservation %s, which does not exist',

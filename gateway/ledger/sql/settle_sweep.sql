@@ -2,19 +2,23 @@
 -- charge back.
 -- Re-applied (CREATE OR REPLACE) by every migrate, after periods.sql (see FUNCTION_FILES).
 
--- Resolve a held reservation exactly once: commit (charging p_charged <= amount and
--- releasing the rest), refund or expire (releasing everything). The charge is taken from
--- allowance first. Released allowance lapses when its period has since been refreshed,
--- and pays off the account's overdrawn allowance (a move to a smaller plan) first.
+-- Resolve a held reservation exactly once: commit (charging p_charged and releasing the
+-- rest), refund or expire (releasing everything). The charge is taken from allowance first.
+-- Released allowance lapses when its period has since been refreshed, and pays off the
+-- account's overdrawn allowance (a move to a smaller plan) first.
+-- p_charged may exceed the held amount only with p_usage (a commit priced by the usage the
+-- backend reported, kept with the reservation): the excess is taken from the balance,
+-- allowance first, never below zero, and what it cannot cover is recorded as unbilled.
 -- p_org, p_source (NULL: any): a reservation of another organization or made through
 -- another source is answered exactly as an unknown one, not_found.
 -- status: ok | not_found | already_committed | already_refunded | already_expired
 --       | exceeds_amount
 CREATE OR REPLACE FUNCTION gw_settle(
     p_id uuid, p_outcome text, p_charged bigint, p_now timestamptz, p_actor text,
-    p_reason text, p_org text, p_source text
+    p_reason text, p_org text, p_source text, p_usage jsonb DEFAULT NULL
 ) RETURNS TABLE (status text, charged bigint, allowance bigint, purchased bigint,
-                 token_type text, org_id text, allocated bigint, period_start timestamptz)
+                 token_type text, org_id text, allocated bigint, period_start timestamptz,
+                 unbilled bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_res reservations;
@@ -25,6 +29,10 @@ DECLARE
     v_release_p bigint;
     v_lapse bigint := 0;
     v_paid_off bigint := 0;
+    v_excess bigint := 0;
+    v_take_a bigint := 0;
+    v_take_p bigint := 0;
+    v_unbilled bigint := 0;
 BEGIN
     SELECT * INTO v_res FROM reservations r
         WHERE r.id = p_id AND (p_org IS NULL OR r.org_id = p_org)
@@ -32,7 +40,7 @@ BEGIN
         FOR UPDATE;
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'not_found', 0::bigint, 0::bigint, 0::bigint, NULL::text,
-            NULL::text, 0::bigint, NULL::timestamptz;
+            NULL::text, 0::bigint, NULL::timestamptz, 0::bigint;
         RETURN;
     END IF;
     IF v_res.state <> 'held' THEN
@@ -40,15 +48,17 @@ BEGIN
             WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type;
         RETURN QUERY SELECT 'already_' || v_res.state, coalesce(v_res.charged, 0),
             v_acct.allowance, v_acct.purchased, v_res.token_type, v_res.org_id,
-            v_acct.allocated, v_acct.period_start;
+            v_acct.allocated, v_acct.period_start, v_res.unbilled;
         RETURN;
     END IF;
     v_charged := CASE WHEN p_outcome = 'commit' THEN coalesce(p_charged, v_res.amount) ELSE 0 END;
-    IF v_charged < 0 OR v_charged > v_res.amount THEN
+    IF v_charged < 0 OR (v_charged > v_res.amount AND p_usage IS NULL) THEN
         RETURN QUERY SELECT 'exceeds_amount', v_charged, 0::bigint, 0::bigint, v_res.token_type,
-            v_res.org_id, 0::bigint, NULL::timestamptz;
+            v_res.org_id, 0::bigint, NULL::timestamptz, 0::bigint;
         RETURN;
     END IF;
+    v_excess := greatest(v_charged - v_res.amount, 0);
+    v_charged := v_charged - v_excess;
 
     v_charged_a := least(v_res.from_allowance, v_charged);
     v_release_a := v_res.from_allowance - v_charged_a;
@@ -61,22 +71,35 @@ BEGIN
     ELSE
         v_paid_off := least(v_release_a, v_acct.overdrawn);
     END IF;
+    IF v_excess > 0 THEN
+        -- Nothing was released (the whole hold is charged): the rest of the charge comes
+        -- from what the account has left, and what it lacks goes unbilled.
+        v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
+        v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
+        v_unbilled := v_excess - v_take_a - v_take_p;
+        v_charged := v_charged + v_take_a + v_take_p;
+    END IF;
 
-    UPDATE accounts a SET allowance = a.allowance + v_release_a - v_lapse - v_paid_off,
+    UPDATE accounts a SET allowance = a.allowance + v_release_a - v_lapse - v_paid_off - v_take_a,
             overdrawn = a.overdrawn - v_paid_off,
-            purchased = a.purchased + v_release_p,
+            purchased = a.purchased + v_release_p - v_take_p,
             reserved = a.reserved - v_res.amount
         WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type
         RETURNING * INTO v_acct;
     UPDATE reservations r SET state = CASE p_outcome WHEN 'commit' THEN 'committed'
                 WHEN 'refund' THEN 'refunded' ELSE 'expired' END,
-            charged = v_charged, settled_at = p_now
+            charged = v_charged, settled_at = p_now, unbilled = v_unbilled,
+            usage = coalesce(p_usage, r.usage)
         WHERE r.id = p_id;
     INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
-            reserved_delta, reservation_id, route, user_id, actor, reason, request_id)
-        VALUES (p_now, v_res.org_id, v_res.token_type, p_outcome, v_release_a, v_release_p,
-            -v_res.amount, p_id, v_res.route, v_res.user_id, p_actor, p_reason,
-            v_res.request_id);
+            reserved_delta, reservation_id, route, user_id, actor, reason, request_id,
+            unbilled)
+        VALUES (p_now, v_res.org_id, v_res.token_type, p_outcome, v_release_a - v_take_a,
+            v_release_p - v_take_p, -v_res.amount, p_id, v_res.route, v_res.user_id, p_actor,
+            coalesce(p_reason, CASE WHEN v_excess > 0 THEN format(
+                'usage above the hold of %s: %s more taken from the balance, %s unbilled',
+                v_res.amount, v_take_a + v_take_p, v_unbilled) END),
+            v_res.request_id, v_unbilled);
     IF v_lapse > 0 THEN
         INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, reservation_id,
                 actor, reason)
@@ -90,7 +113,7 @@ BEGIN
                 'ledger', 'released allowance beyond what the plan now allocates this period');
     END IF;
     RETURN QUERY SELECT 'ok', v_charged, v_acct.allowance, v_acct.purchased, v_res.token_type,
-        v_res.org_id, v_acct.allocated, v_acct.period_start;
+        v_res.org_id, v_acct.allocated, v_acct.period_start, v_unbilled;
 END
 $$;
 
