@@ -17,7 +17,8 @@ a test sets. The header ``X-Test-Behaviour`` picks how a request is answered:
 ``normal`` (default); ``no-usage`` reports no usage at all; ``cut`` drops the connection
 before the usage (a stream, after its text; a JSON answer, halfway through its body);
 ``slow`` waits ``X-Test-Delay`` seconds (default 0.2) before every event, and before a JSON
-answer; ``multi-delta`` (Anthropic streams) sends two ``message_delta`` events, the
+answer; ``chunked`` sends a JSON answer without a Content-Length, in 64-byte chunks;
+``multi-delta`` (Anthropic streams) sends two ``message_delta`` events, the
 second with the final cumulative ``output_tokens``.
 
 Every request is recorded in ``seen`` (headers and JSON body) with the exact bytes of the
@@ -110,8 +111,9 @@ class Vendors:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.openai_chat)
-        app.router.add_post("/v1/messages", self.anthropic_messages)
+        # Under any prefix too, so that one server can stand behind several routes.
+        app.router.add_post("/{prefix:.*}v1/chat/completions", self.openai_chat)
+        app.router.add_post("/{prefix:.*}v1/messages", self.anthropic_messages)
         return app
 
     async def _record(self, request: web.Request) -> VendorRequest:
@@ -352,6 +354,8 @@ async def _json_answer(
 ) -> web.StreamResponse:
     if seen.behaviour == "slow":
         await asyncio.sleep(_delay(request))
+    if seen.behaviour == "chunked":
+        return await _chunked_answer(request, seen, payload, headers)
     if seen.behaviour != "cut":
         whole = _answer(seen, 200, payload)
         whole.headers.update(headers)
@@ -366,6 +370,22 @@ async def _json_answer(
     await response.write(half)
     seen.sent += half
     return await _cut(request, response)
+
+
+async def _chunked_answer(
+    request: web.Request, seen: VendorRequest, payload: dict[str, Any], headers: dict[str, str]
+) -> web.StreamResponse:
+    """A JSON answer without a Content-Length, in chunks, as servers that stream their
+    serialization send it."""
+    body = json.dumps(payload).encode()
+    response = web.StreamResponse(headers={**headers, "Content-Type": "application/json"})
+    response.enable_chunked_encoding()
+    seen.status = 200
+    await response.prepare(request)
+    for start in range(0, len(body), 64):
+        await response.write(body[start : start + 64])
+        seen.sent += body[start : start + 64]
+    return await _finish(seen, response)
 
 
 async def _start_stream(
