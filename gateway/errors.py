@@ -256,6 +256,12 @@ class MethodNotAllowed(GatewayError):
     title = "Method not allowed"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"

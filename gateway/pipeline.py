@@ -17,7 +17,13 @@ import uuid
 from aiohttp import web
 
 from gateway.auth import Principal
-from gateway.errors import DuplicateRequest, GatewayError, NoRoute, PayloadTooLarge
+from gateway.errors import (
+    DuplicateRequest,
+    GatewayError,
+    NoRoute,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from gateway.exchange import Exchange
 from gateway.gate import fingerprint, idempotency_key, reserve
 from gateway.limits.limiter import Admission
@@ -54,7 +60,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     key = idempotency_key(request)
     usage = None
     if route.config.usage is not None:
-        body = await _read_body(request, route.config.usage.max_request_bytes)
+        body = await _read_body(
+            request, route.config.usage.max_request_bytes, route.upstream.timeout_seconds
+        )
         usage = inspect_request(
             route.config.usage, body, request.headers.get("Content-Encoding", "")
         )
@@ -106,9 +114,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await _run_shielded(state, exchange)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     """The request's body, refused with 413 beyond ``limit`` bytes (before reading it when
-    its Content-Length says so)."""
+    its Content-Length says so) and with 408 when it takes longer than ``seconds``."""
     too_large = PayloadTooLarge(
         f"this route is priced by usage and reads its request body to find the model; "
         f"bodies over {limit} bytes are refused (usage.max_request_bytes)"
@@ -117,11 +125,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds:g}s (the upstream's timeout)"
+        ) from None
     return b"".join(chunks)
 
 
