@@ -319,7 +319,7 @@ class Exchange:
             return response
         if held_back:
             await self._send(response.write(held_back))
-        elif meter is not None and not self.shadow and upstream.content_length is None:
+        elif meter is not None and meter.stream and upstream.content_length is None:
             # SSE clients ignore comment lines: the stream's exact charge, after its end.
             await self._send(response.write(f": tokens-charged={self.charged}\n\n".encode()))
         await self._send(response.write_eof())

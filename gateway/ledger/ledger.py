@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from gateway.errors import LedgerError
 from gateway.ledger.admin import LedgerAdmin
+from gateway.ledger.batch import Coalescer, Kind, many
 from gateway.ledger.records import (
     GateStatus,
     Reservation,
@@ -33,9 +34,46 @@ _RESERVATION_COLUMNS = (
 )
 
 
+_RESERVE = Kind(
+    "reserve",
+    "SELECT * FROM gw_reserve($1, $2, $3, string_to_array($4, ','), $5, $6, $7, $8, $9, $10,"
+    " $11::jsonb, $12, $13, $14, $15)",
+    many(
+        "gw_reserve",
+        (
+            "text[]", "text[]", "bigint[]", "text[]", "text[]", "text[]", "text[]", "text[]",
+            "float8[]", "timestamptz[]", "text[]", "int[]", "int[]", "text[]", "text[]",
+        ),
+        ["a1", "a2", "a3", "string_to_array(a4, ',')", "a5", "a6", "a7", "a8", "a9", "a10",
+         "a11::jsonb", "a12", "a13", "a14", "a15"],
+    ),
+)  # fmt: skip
+_SETTLE = Kind(
+    "settle",
+    "SELECT * FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+    many(
+        "gw_settle",
+        (
+            "uuid[]", "text[]", "bigint[]", "timestamptz[]", "text[]", "text[]", "text[]",
+            "text[]", "text[]",
+        ),
+        ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9::jsonb"],
+    ),
+)  # fmt: skip
+
+
 class Ledger(LedgerAdmin):
     """Balances, reservations and the journal. Safe to share between tasks; any number of
-    gateway processes may use one database at once."""
+    gateway processes may use one database at once. Reserves and settlements made at the
+    same time are grouped into shared transactions (see ``gateway.ledger.batch``)."""
+
+    _coalescer: Coalescer | None = None
+
+    @property
+    def batches(self) -> Coalescer:
+        if self._coalescer is None:
+            self._coalescer = Coalescer(self._fetch)
+        return self._coalescer
 
     # -- the request path -------------------------------------------------------------
 
@@ -106,13 +144,11 @@ class Ledger(LedgerAdmin):
         ``idempotency_fingerprint`` (the caller's digest of its request) is the same, and
         ``idempotency_key_reused`` without one when it differs; concurrent first uses of a
         key make one reservation."""
-        row = await self._fetchrow(
-            "SELECT * FROM gw_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb,"
-            " $12, $13, $14, $15)",
+        args = (
             org,
             token_type,
             amount,
-            list(plans) if plans is not None else None,
+            ",".join(plans) if plans is not None else None,
             route,
             user,
             request_id,
@@ -125,6 +161,7 @@ class Ledger(LedgerAdmin):
             source,
             idempotency_fingerprint,
         )
+        row = await self.batches.call(_RESERVE, args, (org, token_type))
         return ReserveOutcome(**dict(row))
 
     async def commit(
@@ -173,8 +210,7 @@ class Ledger(LedgerAdmin):
         source: Source | None,
         usage: dict[str, Any] | None = None,
     ) -> Settlement:
-        row = await self._fetchrow(
-            "SELECT * FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+        args = (
             reservation_id,
             outcome,
             charged,
@@ -185,6 +221,7 @@ class Ledger(LedgerAdmin):
             source,
             json.dumps(usage) if usage is not None else None,
         )
+        row = await self.batches.call(_SETTLE, args)
         status = row["status"]
         if status != "ok":
             messages = {

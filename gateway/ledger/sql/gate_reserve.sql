@@ -135,15 +135,20 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     -- Refusals that do not depend on the balance come before anything is locked or
-    -- written: no account is created for a token type outside the plan.
-    SELECT * INTO v_gate FROM gw_gate(p_org, p_token_type, p_amount, p_plans, p_user, p_now,
-                                      p_grace_days, p_degrade_after_days) g;
-    IF v_gate.status IN ('unknown_organization', 'license_suspended', 'feature_degraded',
-                         'plan_forbidden') THEN
-        RETURN QUERY SELECT v_gate.status, NULL::uuid, 0::bigint, 0::bigint,
-            v_gate.allowance, v_gate.purchased, v_gate.plan, v_gate.period_end,
-            v_gate.allocated, v_gate.license_date, v_gate.detail;
-        RETURN;
+    -- written: no account is created for a token type outside the plan. An account that
+    -- exists already is judged once, under its lock below (the same gate, the same
+    -- refusals): the common case pays for one gate, not two.
+    IF p_idempotency_key IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM accounts a WHERE a.org_id = p_org AND a.token_type = p_token_type) THEN
+        SELECT * INTO v_gate FROM gw_gate(p_org, p_token_type, p_amount, p_plans, p_user,
+                                          p_now, p_grace_days, p_degrade_after_days) g;
+        IF v_gate.status IN ('unknown_organization', 'license_suspended', 'feature_degraded',
+                             'plan_forbidden') THEN
+            RETURN QUERY SELECT v_gate.status, NULL::uuid, 0::bigint, 0::bigint,
+                v_gate.allowance, v_gate.purchased, v_gate.plan, v_gate.period_end,
+                v_gate.allocated, v_gate.license_date, v_gate.detail;
+            RETURN;
+        END IF;
     END IF;
 
     IF p_idempotency_key IS NOT NULL THEN

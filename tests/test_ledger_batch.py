@@ -1,0 +1,133 @@
+"""Group commit: concurrent reserves and settlements share transactions, yet each call gets
+its own reservation, its own rows and its own answer, and one call's failure is never
+another's."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from gateway.errors import LedgerError, LedgerUnavailable
+from gateway.ledger import Ledger
+from tests.relay import Relay
+
+
+async def test_concurrent_reserves_on_one_account_are_batched_and_exact(ledger: Ledger) -> None:
+    await ledger.create_org("hot", "pro")  # 100 general tokens
+    before = ledger.batches.batches
+
+    async def pair(n: int) -> int | None:
+        outcome = await ledger.reserve(
+            "hot", "general", 1 + n % 3, ttl_seconds=60, route="chat", user=f"u{n}"
+        )
+        if outcome.status != "ok":
+            return None
+        assert outcome.reservation_id is not None
+        settled = await ledger.commit(outcome.reservation_id, n % 2, actor=f"u{n}")
+        return settled.charged
+
+    charged = await asyncio.gather(*(pair(n) for n in range(150)))
+    assert ledger.batches.batches > before  # they did share transactions
+    committed = [c for c in charged if c is not None]
+    assert len(committed) > 30
+    accounts = {a.token_type: a for a in await ledger.balances("hot")}
+    assert accounts["general"].available == 100 - sum(committed)
+    assert accounts["general"].reserved == 0
+    commits = [r for r in await ledger.journal("hot", limit=1000) if r["kind"] == "commit"]
+    assert len(commits) == len(committed)
+    assert len({r["reservation_id"] for r in commits}) == len(commits)
+
+
+async def test_concurrent_reserves_never_overspend(ledger: Ledger) -> None:
+    await ledger.create_org("hot", "pro")  # 100 general tokens
+    outcomes = await asyncio.gather(
+        *(ledger.reserve("hot", "general", 7, ttl_seconds=60, user=f"u{n}") for n in range(60))
+    )
+    statuses = [o.status for o in outcomes]
+    assert statuses.count("ok") == 100 // 7
+    assert set(statuses) == {"ok", "insufficient"}
+    accounts = {a.token_type: a for a in await ledger.balances("hot")}
+    assert (accounts["general"].available, accounts["general"].reserved) == (100 % 7, 98)
+
+
+async def test_one_failing_call_does_not_fail_its_batch(ledger: Ledger) -> None:
+    await ledger.create_org("hot", "pro")
+    held = await ledger.reserve("hot", "general", 5, ttl_seconds=60)
+    assert held.reservation_id is not None
+    calls = [ledger.reserve("hot", "general", 1, ttl_seconds=60, user=f"u{n}") for n in range(20)]
+    # A charge above the hold without usage is a refusal (exceeds_amount) of that call only,
+    # and an amount of 0 is an error the server raises inside the batch's transaction.
+    bad_commit = ledger.commit(held.reservation_id, 6)
+    bad_reserve = ledger.reserve("hot", "general", 0, ttl_seconds=60)
+    results = await asyncio.gather(*calls, bad_commit, bad_reserve, return_exceptions=True)
+    assert all(getattr(r, "status", None) == "ok" for r in results[:20])
+    assert isinstance(results[20], LedgerError) and results[20].reason == "exceeds_amount"
+    assert isinstance(results[21], LedgerUnavailable)
+    assert isinstance(results[21].__cause__, asyncpg.PostgresError)
+    accounts = {a.token_type: a for a in await ledger.balances("hot")}
+    assert accounts["general"].reserved == 25
+    await ledger.refund(held.reservation_id, reason="test")
+
+
+async def test_settling_one_reservation_many_times_at_once_applies_once(ledger: Ledger) -> None:
+    await ledger.create_org("hot", "pro")
+    held = await ledger.reserve("hot", "general", 4, ttl_seconds=60)
+    assert held.reservation_id is not None
+    rid = held.reservation_id
+
+    async def settle(n: int) -> str:
+        try:
+            if n % 2:
+                await ledger.commit(rid, 3)
+                return "committed"
+            await ledger.refund(rid, reason="race")
+            return "refunded"
+        except LedgerError as exc:
+            return exc.reason
+
+    results = await asyncio.gather(*(settle(n) for n in range(30)))
+    winners = [r for r in results if r in ("committed", "refunded")]
+    assert len(winners) == 1
+    accounts = {a.token_type: a for a in await ledger.balances("hot")}
+    assert accounts["general"].available == 100 - (3 if winners == ["committed"] else 0)
+
+
+async def test_a_lost_connection_fails_every_call_of_the_batch(
+    database_url: str, schema: str
+) -> None:
+    relay = Relay(database_url)
+    await relay.start()
+    ledger = await Ledger.connect(relay.dsn, schema=schema, max_size=4, timeout=2)
+    try:
+        await ledger.migrate()
+        await ledger.sync_plans({"pro": ("month", {"general": 100})})
+        await ledger.create_org("hot", "pro")
+        await relay.cut()
+        results = await asyncio.gather(
+            *(ledger.reserve("hot", "general", 1, ttl_seconds=60) for _ in range(30)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, LedgerUnavailable) for r in results), results
+        assert len({id(r) for r in results}) == 30  # each caller its own exception
+        await relay.start()
+        again = await ledger.reserve("hot", "general", 1, ttl_seconds=60)  # recovered
+        assert again.status == "ok"
+        assert await ledger.audit() == []
+        accounts = {a.token_type: a for a in await ledger.balances("hot")}
+        assert accounts["general"].reserved == 1  # nothing of the failed batch was kept
+    finally:
+        await ledger.close()
+        await relay.cut()
+
+
+@pytest.mark.parametrize("concurrency", [1])
+async def test_a_lone_call_is_not_delayed_into_a_batch(ledger: Ledger, concurrency: int) -> None:
+    await ledger.create_org("hot", "pro")
+    before = ledger.batches.batches
+    for _ in range(5):
+        outcome = await ledger.reserve("hot", "general", 1, ttl_seconds=60)
+        assert outcome.reservation_id is not None
+        await ledger.commit(outcome.reservation_id)
+    assert ledger.batches.batches == before  # each went alone, at once
