@@ -102,9 +102,25 @@ class Exchange:
             headers["X-Tokens-Warning"] = self.warning
         return headers
 
+    def _client_too_slow(self) -> None:
+        """At the client deadline a client still being written to is dropped: its pending
+        write fails, and the upstream's answer is still read to the end to settle."""
+        if not self.client_gone:
+            self.client_gone = True
+            log.warning(
+                "client stopped reading request_id=%s; dropping it and settling by the upstream",
+                self.request_id,
+            )
+            self._abort()
+
     async def run(self, state: GatewayState) -> web.StreamResponse:
         metrics = state.metrics
         metrics.in_flight.inc()
+        # One timer for the client's whole exchange (not one per write): a client that
+        # stops reading must not hold the settlement past the reservation's expiry.
+        watchdog = asyncio.get_running_loop().call_later(
+            self.client_deadline - time.monotonic(), self._client_too_slow
+        )
         if self.outcome is not None:
             self.warning = state.thresholds.warning(
                 state.rules.document.alerts, self.route.token_type, self.outcome
@@ -115,6 +131,7 @@ class Exchange:
             status = response.status
             return response
         finally:
+            watchdog.cancel()
             metrics.in_flight.dec()
             outcome = "shadow" if self.shadow else self.settled_as
             metrics.requests.labels(self.route.name, outcome, str(status or "")).inc()
@@ -183,21 +200,25 @@ class Exchange:
         past the exchange's deadline raises ``ExchangeOverdue``."""
         upstream_left = self.route.upstream.timeout_seconds - (time.monotonic() - upstream_started)
         chunks = upstream.content.iter_any().__aiter__()
-        while True:
-            waited = time.monotonic()
-            if self.deadline - waited < upstream_left:
-                # The client's slowness has used up the exchange's time: past its
-                # deadline the reservation could expire under a live exchange.
-                upstream_left = self.deadline - waited
-                if upstream_left <= 0:
-                    raise ExchangeOverdue()
-            try:
-                async with asyncio.timeout(max(upstream_left, 0.001)):
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as timer:  # one timer, armed only while reading
+            while True:
+                waited = time.monotonic()
+                if self.deadline - waited < upstream_left:
+                    # The client's slowness has used up the exchange's time: past its
+                    # deadline the reservation could expire under a live exchange.
+                    upstream_left = self.deadline - waited
+                    if upstream_left <= 0:
+                        raise ExchangeOverdue()
+                timer.reschedule(loop.time() + max(upstream_left, 0.001))
+                try:
                     chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            upstream_left -= time.monotonic() - waited
-            yield chunk
+                except StopAsyncIteration:
+                    return
+                finally:
+                    timer.reschedule(None)
+                upstream_left -= time.monotonic() - waited
+                yield chunk
 
     def _failure(self, exc: BaseException) -> str:
         if isinstance(exc, ExchangeOverdue) or time.monotonic() >= self.deadline:
@@ -342,18 +363,7 @@ class Exchange:
             write.close()
             return
         try:
-            # A client that stops reading must not hold the settlement past the
-            # reservation's expiry (the sweeper would refund what it then receives).
-            await asyncio.wait_for(
-                write, timeout=max(self.client_deadline - time.monotonic(), 0.001)
-            )
-        except TimeoutError:
-            self.client_gone = True
-            log.warning(
-                "client stopped reading request_id=%s; dropping it and settling by the upstream",
-                self.request_id,
-            )
-            self._abort()
+            await write  # bounded by the exchange's watchdog (see run)
         except _CLIENT_GONE as exc:
             self.client_gone = True
             log.info(
