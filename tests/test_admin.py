@@ -108,6 +108,8 @@ async def test_admin_manages_an_organization(
         client, "POST", f"/v1/admin/reservations/{rid}/refund-charge", {"reason": "twice"}
     )
     assert status == 409 and again["reason"] == "already_refunded"
+    reversals = [r for r in await ledger.journal("acme", limit=100) if r["kind"] == "reversal"]
+    assert [(str(r["reservation_id"]), r["purchased_delta"]) for r in reversals] == [(rid, 5)]
     status, stats = await call(client, "GET", "/v1/admin/organizations/acme")
     leads = stats["token_types"]["lead_generation"]
     assert (leads["allowance"], leads["purchased"]) == (495, 5)

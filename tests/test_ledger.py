@@ -288,3 +288,38 @@ def test_migrate_applies_every_function_file() -> None:
     # audit.sql is a query run by Ledger.audit, not a definition.
     assert set(FUNCTION_FILES) == files - {"audit.sql"}
     assert len(FUNCTION_FILES) == len(set(FUNCTION_FILES))
+
+
+@pytest.mark.corrupts_ledger
+async def test_audit_checks_usage_overruns_and_reversals(
+    ledger: Ledger, database_url: str, schema: str
+) -> None:
+    await ledger.create_org("acme", "pro")  # 100 general
+    held = await ledger.reserve("acme", "general", 10, ttl_seconds=TTL)
+    assert held.reservation_id is not None
+    settled = await ledger.commit(held.reservation_id, 130, usage={"input": 130})
+    assert (settled.charged, settled.unbilled) == (100, 30)  # never below zero
+    other = await ledger.reserve("acme", "forecast", 4, ttl_seconds=TTL)
+    assert other.reservation_id is not None
+    await ledger.commit(other.reservation_id)
+    await ledger.refund_charge(other.reservation_id, actor="ops", reason="bad")
+    assert await ledger.audit() == []
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        # An unbilled amount the commit row does not record, and a second reversal.
+        await conn.execute(
+            "UPDATE reservations SET unbilled = 5 WHERE id = $1", held.reservation_id
+        )
+        await conn.execute(
+            "INSERT INTO journal (at, org_id, token_type, kind, purchased_delta, reservation_id)"
+            " VALUES (now(), 'acme', 'forecast', 'reversal', 4, $1)",
+            other.reservation_id,
+        )
+        await conn.execute(
+            "UPDATE accounts SET purchased = purchased + 4"
+            " WHERE org_id = 'acme' AND token_type = 'forecast'"
+        )
+    finally:
+        await conn.close()
+    found = {v.invariant for v in await ledger.audit()}
+    assert found == {"charge_mismatch", "reversal_mismatch"}

@@ -196,7 +196,7 @@ class LedgerAdmin(LedgerSeam):
         return [Account(**dict(r)) for r in rows]
 
     async def refund_charge(self, reservation_id: uuid.UUID, *, actor: str, reason: str) -> None:
-        """Give back a committed reservation's charge, once (an ``adjust`` entry). Raises
+        """Give back a committed reservation's charge, once (a ``reversal`` entry). Raises
         ``LedgerError`` (``not_found``, ``not_committed``, ``already_refunded``,
         ``nothing_charged``)."""
         status = await self._fetchval(

@@ -65,6 +65,9 @@ WHERE CASE j.kind
                                OR (j.allowance_delta <= 0 AND j.purchased_delta <= 0))
     -- shadow rows record a would-be charge and move nothing
     WHEN 'shadow' THEN j.allowance_delta <> 0 OR j.purchased_delta <> 0 OR j.reserved_delta <> 0
+    -- reversal gives a committed charge back into purchased, naming its reservation
+    WHEN 'reversal' THEN j.allowance_delta <> 0 OR j.purchased_delta <= 0
+                         OR j.reserved_delta <> 0 OR j.reservation_id IS NULL
     -- lapse destroys allowance only
     WHEN 'lapse' THEN j.allowance_delta >= 0 OR j.purchased_delta <> 0 OR j.reserved_delta <> 0
     -- grant, refresh, purchase and adjust never touch what is reserved
@@ -91,6 +94,17 @@ SELECT 'charge_mismatch',
 FROM reservations r JOIN journal j ON j.reservation_id = r.id AND j.kind = 'commit'
 WHERE r.charged <> -(j.reserved_delta + j.allowance_delta + j.purchased_delta)
    OR r.unbilled <> j.unbilled
+UNION ALL
+SELECT 'reversal_mismatch',
+       format('reservation %s (%s, charged %s, charge refunded %s): %s reversal row(s) '
+              'returning %s', r.id, r.state, r.charged, r.charge_refunded_at IS NOT NULL,
+              count(j.id), coalesce(sum(j.purchased_delta), 0))
+FROM reservations r LEFT JOIN journal j ON j.reservation_id = r.id AND j.kind = 'reversal'
+GROUP BY r.id
+HAVING count(j.id) > 1
+    OR (count(j.id) = 1 AND (r.state <> 'committed' OR r.charge_refunded_at IS NULL
+                             OR sum(j.purchased_delta) <> r.charged))
+    OR (count(j.id) = 0 AND r.charge_refunded_at IS NOT NULL)
 UNION ALL
 SELECT 'unbilled_without_commit',
        format('reservation %s (%s): %s unbilled', r.id, r.state, r.unbilled)

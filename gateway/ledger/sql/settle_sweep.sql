@@ -166,7 +166,7 @@ BEGIN
 END
 $$;
 
--- Give back the charge of a committed reservation, once, as an adjust entry crediting the
+-- Give back the charge of a committed reservation, once, as a reversal entry crediting the
 -- purchased bucket (purchased tokens never lapse, whatever period the charge was in).
 -- status: ok | not_found | not_committed | already_refunded | nothing_charged
 CREATE OR REPLACE FUNCTION gw_refund_charge(p_id uuid, p_actor text, p_reason text,
@@ -192,7 +192,7 @@ BEGIN
     UPDATE reservations SET charge_refunded_at = p_now WHERE id = p_id;
     INSERT INTO journal (at, org_id, token_type, kind, purchased_delta, reservation_id,
             route, user_id, actor, reason)
-        VALUES (p_now, v_res.org_id, v_res.token_type, 'adjust', v_res.charged, p_id,
+        VALUES (p_now, v_res.org_id, v_res.token_type, 'reversal', v_res.charged, p_id,
             v_res.route, v_res.user_id, p_actor, p_reason);
     INSERT INTO admin_actions (at, org_id, actor, action, detail)
         VALUES (p_now, v_res.org_id, p_actor, 'refund_charge',
