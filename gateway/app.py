@@ -32,6 +32,7 @@ from gateway.proxy import new_session
 from gateway.rules import Rules, load_rules
 from gateway.runtime import build_active
 from gateway.state import STATE, GatewayState
+from gateway.sweeper import Sweeper, sweeper_mode
 
 log = logging.getLogger("gateway.app")
 
@@ -231,27 +232,14 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(state.rules.document.ledger.sweep_interval_seconds)
-            try:
-                expired = await state.ledger.expire_overdue_by_type()
-                refreshed = await state.ledger.refresh_overdue()
-            except LedgerUnavailable:
-                state.metrics.store_errors.labels("ledger").inc()
-                continue  # logged by the ledger; try again next round
-            if expired:
-                for token_type, tokens in expired.items():
-                    state.metrics.tokens.labels(token_type, "expired").inc(tokens)
-                log.warning(
-                    "expired unsettled reservations and refunded them: %s",
-                    ", ".join(f"{tokens} {tt} tokens" for tt, tokens in expired.items()),
-                )
-            if refreshed:
-                log.info("started a new period for %d account(s)", refreshed)
-
-    task = asyncio.create_task(sweep_forever(), name="ledger-sweeper")
+    sweeper = Sweeper(
+        state.ledger,
+        state.metrics,
+        # Read each round: a rules reload may change it.
+        interval=lambda: state.rules.document.ledger.sweep_interval_seconds,
+        mode=sweeper_mode(app[ENVIRON]),
+    )
+    task = asyncio.create_task(sweeper.run(), name="ledger-sweeper")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
