@@ -62,7 +62,7 @@ async def gateway(env: dict[str, str], *args: str) -> Result:
 async def test_rules_check(tmp_path: Path, cli_env: dict[str, str]) -> None:
     ok = await gateway(cli_env, "rules", "check", str(REPO / "rules.yaml"))
     assert ok.code == 0, ok.err
-    assert "ok" in ok.out and "5 route(s)" in ok.out and "5 token type(s)" in ok.out
+    assert "ok" in ok.out and "6 route(s)" in ok.out and "5 token type(s)" in ok.out
     broken = tmp_path / "broken.yaml"
     broken.write_text(
         (REPO / "rules.yaml")
@@ -265,8 +265,17 @@ async def test_demo_shows_metering_and_a_refusal(cli_env: dict[str, str]) -> Non
     env = {k: v for k, v in cli_env.items() if k not in ("GATEWAY_RULES", "GATEWAY_JWT_SECRET")}
     result = await gateway(env, "demo", "--once", "--port", str(free_port()))
     assert result.code == 0, result.out + result.err
-    assert "X-Tokens-Charged: 1" in result.out
-    assert "balance now 99 (fell by 1, the route's cost)" in result.out
+    # The chat is priced by usage: the sample upstream reports 2 input tokens and
+    # max_tokens (10, then 20 streamed) output, at 100 and 200 per 1,000.
+    assert "X-Tokens-Charged: 3, X-Tokens-Remaining: 97" in result.out
+    assert (
+        "held 20, charged 3\n"
+        "   for the usage reported: (2 input x 100 + 10 output x 200) / 1,000 = 2.2, rounded up\n"
+        "   balance now 97 (fell by 3, exactly the charge)."
+    ) in result.out
+    assert "X-Tokens-Held: 20" in result.out and "     : tokens-charged=5\n" in result.out
+    assert "balance now 92 (fell by exactly 5); its reservation: held 20, charged 5" in result.out
+    assert "429 too_frequent" in result.out
     assert "forecast balance still 30" in result.out
     assert "403 plan_forbidden" in result.out
     assert "every invariant holds" in result.out

@@ -298,8 +298,17 @@ def test_example_rules_load_with_the_seed_product() -> None:
         ("goals", "goal_generation", 3),
         ("strategy", "strategy_analysis", 2),
         ("forecast", "forecast", 4),
+        ("chat_completions", "general", 20),  # priced by usage: its hold
         ("chat", "general", 1),
     ]
+    usage = rules.routes[4].config.usage
+    assert usage is not None
+    assert (usage.format, usage.rates.input, usage.rates.output, usage.hold) == (
+        "openai",
+        100,
+        200,
+        20,
+    )
     assert rules.plan_allowances() == {
         "starter": ("month", {}),
         "pro": (
