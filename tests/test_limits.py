@@ -5,20 +5,30 @@ processes sharing one Redis and one PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.alerts import Alerter, verify
 from gateway.app import build_app
-from gateway.errors import Blocked, LimiterUnavailable, RateLimited, TooFrequent
+from gateway.errors import (
+    Blocked,
+    ConfigError,
+    GatewayError,
+    LimiterUnavailable,
+    RateLimited,
+    TooFrequent,
+    TooManyInFlight,
+)
 from gateway.ledger import Ledger
 from gateway.limits.config import (
     Concurrency,
@@ -27,10 +37,12 @@ from gateway.limits.config import (
     MinInterval,
     RateLimit,
     Spike,
+    TokenRate,
     effective,
     parse_rate,
 )
-from gateway.limits.limiter import Limiter
+from gateway.limits.limiter import Limiter, SpikeAlert
+from gateway.limits.store import STORE_ERRORS
 from gateway.rules import Rules
 from gateway.runtime import free_port
 from tests.conftest import (
@@ -50,11 +62,12 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 def only(**kinds: object) -> Effective:
-    rate = kinds.get("rate")
+    rate, tokens = kinds.get("rate"), kinds.get("tokens")
     return Effective(
         rate=tuple(rate) if isinstance(rate, list) else (),
         min_interval=kinds.get("min_interval"),  # type: ignore[arg-type]
         concurrency=kinds.get("concurrency"),  # type: ignore[arg-type]
+        tokens=tuple(tokens) if isinstance(tokens, list) else (),
     )
 
 
@@ -494,3 +507,191 @@ async def test_spike_through_the_gateway_alerts_and_blocks_the_organization(
         await client.close()
         await limiter.close()
         await hook_server.close()
+
+
+# --- one script, one round trip ------------------------------------------------------
+
+EVERY_KIND = only(
+    rate=[RateLimit(limit="3/minute"), RateLimit(limit="100/hour", per="organization")],
+    min_interval=MinInterval(seconds=3),
+    concurrency=Concurrency(max=1),
+    tokens=[TokenRate(limit="100/minute")],
+)
+
+
+async def test_a_refused_request_uses_up_no_limit(limiter: Limiter, clock: Clock) -> None:
+    first = await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=10)
+    assert first.headers["RateLimit"] == (
+        '"user-3-per-60s";r=2;t=60, "organization-100-per-3600s";r=99;t=3600'
+    )
+    # Refused by the minimum interval, then by the concurrency cap, then by the token rate:
+    # none of them takes a hit from the rates that passed, a slot or a minimum interval.
+    with pytest.raises(TooFrequent) as refused:
+        await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=10)
+    assert refused.value.headers["RateLimit"] == (
+        '"user-3-per-60s";r=2;t=60, "organization-100-per-3600s";r=99;t=3600'
+    )
+    clock.advance(seconds=3)
+    with pytest.raises(TooManyInFlight):
+        await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=10)
+    await limiter.finish(first, 10)
+    with pytest.raises(RateLimited, match="tokens per 60s"):
+        await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=91)
+    verdicts = await limiter.peek("acme", "alice", "general", EVERY_KIND, tokens=10)
+    assert [v.detail for v in verdicts] == [
+        "none",
+        "2 of 3 left per 60s",
+        "99 of 100 left per 3600s",
+        "free",
+        "0 in flight",
+        "90 of 100 tokens left per 60s",
+    ]
+    second = await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=10)
+    assert second.headers["RateLimit"] == (
+        '"user-3-per-60s";r=1;t=57, "organization-100-per-3600s";r=98;t=3597'
+    )
+
+
+@pytest.mark.parametrize("kind", ["blocks", "rate", "min_interval", "concurrency", "tokens"])
+async def test_peek_reports_the_refusal_admit_raises(limiter: Limiter, kind: str) -> None:
+    now = limiter.clock_ms()
+    limiter.clock_ms = lambda: now  # the same instant for both, to the millisecond
+    per_minute = [RateLimit(limit="30/minute")]
+    limits = {
+        "blocks": only(rate=per_minute),
+        "rate": only(rate=[RateLimit(limit="1/minute")]),
+        "min_interval": only(rate=per_minute, min_interval=MinInterval(seconds=3)),
+        "concurrency": only(rate=per_minute, concurrency=Concurrency(max=1)),
+        "tokens": only(rate=per_minute, tokens=[TokenRate(limit="10/minute")]),
+    }[kind]
+    if kind == "blocks":
+        limiter.config = LimitsConfig.model_validate({"blocks": {"after": 1}})
+        assert await limiter.record_refusal("acme", "alice", None)
+    else:
+        await limiter.admit("acme", "alice", "general", limits, 10, tokens=10)
+    verdicts = await limiter.peek("acme", "alice", "general", limits, tokens=5)
+    judged = next(v.refusal for v in verdicts if v.refusal is not None)
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit("acme", "alice", "general", limits, 10, tokens=5)
+    assert (type(judged), judged.detail, judged.headers, judged.extra) == (
+        type(refused.value),
+        refused.value.detail,
+        refused.value.headers,
+        refused.value.extra,
+    )
+    assert refused.value.headers["Retry-After"]
+    if kind != "blocks":
+        assert refused.value.headers["RateLimit-Policy"].startswith('"user-')
+
+
+class CountingConnection(redis.asyncio.Connection):
+    """Counts what it sends: one write per command, one per pipeline, each a round trip."""
+
+    writes = 0
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        type(self).writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+@pytest.fixture
+async def counted(redis_url: str, clock: Clock) -> AsyncIterator[Limiter]:
+    """A limiter whose connections count their round trips in ``CountingConnection``."""
+    prefix = f"t{os.urandom(6).hex()}:"
+    client = redis.asyncio.Redis.from_url(
+        redis_url, connection_class=CountingConnection, decode_responses=True
+    )
+    spike = Spike(window_minutes=5, baseline_minutes=60, factor=3, min_tokens=10)
+    limiter = Limiter(client, LimitsConfig(spike=spike), prefix=prefix, clock_ms=clock.ms)
+    yield limiter
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await limiter.close()
+
+
+async def test_admit_peek_and_finish_take_one_round_trip_each(counted: Limiter) -> None:
+    limiter = counted
+    warm = await limiter.admit("acme", "warm", "general", EVERY_KIND, 10, tokens=1)
+    await limiter.finish(warm, 1)  # connected, and the scripts are loaded
+
+    async def trips(call: Awaitable[object]) -> int:
+        before = CountingConnection.writes
+        with contextlib.suppress(GatewayError):
+            await call
+        return CountingConnection.writes - before
+
+    # Blocks, two rates, the minimum interval, the concurrency cap and a token rate.
+    before = CountingConnection.writes
+    admission = await limiter.admit("acme", "alice", "general", EVERY_KIND, 10, tokens=10)
+    assert CountingConnection.writes - before == 1
+    assert await trips(limiter.admit("acme", "bob", "general", EVERY_KIND, 10, tokens=10)) == 1
+    assert await trips(limiter.admit("acme", "alice", "general", EVERY_KIND, 10)) == 1  # refused
+    assert await trips(limiter.peek("acme", "alice", "general", EVERY_KIND, tokens=10)) == 1
+    assert await trips(limiter.finish(admission, 4)) == 1  # settles the tokens, frees the slot
+    assert [e.amount for e in admission.token_entries] == [4] and admission.leases == []
+    verdicts = await limiter.peek("acme", "alice", "general", EVERY_KIND)
+    assert [v.detail for v in verdicts][-2:] == ["0 in flight", "96 of 100 tokens left per 60s"]
+
+    alerts: list[SpikeAlert] = []
+    async with limiter.flushing_spend(alerts.append, every_seconds=60):
+        for org in ("acme", "globex", "initech"):
+            assert await trips(limiter.record_spend(org, 20)) == 0
+        before = CountingConnection.writes
+        flushed = await limiter.flush_spend()  # every organization at once
+        assert CountingConnection.writes - before == 1
+    assert sorted((a.org, a.recent) for a in flushed) == [
+        ("acme", 20),
+        ("globex", 20),
+        ("initech", 20),
+    ]
+    assert alerts == []  # flush_spend returned them; nothing was left to flush on the way out
+
+
+async def test_spend_is_counted_in_memory_and_spikes_arrive_within_a_flush(
+    limiter: Limiter,
+) -> None:
+    spike = Spike(window_minutes=5, baseline_minutes=60, factor=3, min_tokens=10, block=True)
+    limiter.config = LimitsConfig(spike=spike)
+    alerts: list[SpikeAlert] = []
+    async with limiter.flushing_spend(alerts.append, every_seconds=0.05):
+        for _ in range(4):
+            assert await limiter.record_spend("acme", 5) is None
+        for _ in range(200):
+            if alerts:
+                break
+            await asyncio.sleep(0.01)
+        assert [(a.org, a.recent, a.blocked) for a in alerts] == [("acme", 20, True)]
+        with pytest.raises(Blocked):  # the block came with the flush
+            await limiter.admit("acme", "bob", "general", only(), 10)
+        await limiter.record_spend("globex", 7)
+    # Leaving the context flushed the 7: three more make a spike of 10.
+    alert = await limiter.record_spend("globex", 3)
+    assert alert is not None and (alert.org, alert.recent) == ("globex", 10)
+    assert len(alerts) == 1
+
+
+@pytest.mark.parametrize("prefix", ["{}", "gw:{all}:"])
+def test_a_prefix_that_breaks_the_hash_tag_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Limiter.from_url("redis://127.0.0.1:9/0", LimitsConfig(), prefix=prefix)
+    assert refused.value.source == "GATEWAY_REDIS_PREFIX"
+    assert all(e.startswith(f"'{prefix}': ") for e in refused.value.errors)
+    assert refused.value.errors[-1].endswith("; use a prefix without braces")
+
+
+def test_every_driver_error_is_a_store_error() -> None:
+    import redis.exceptions
+
+    # Not the store's answer: a forked child's deadlock (sync client only), and a bug of
+    # the driver's command table.
+    not_answers = {"ChildDeadlockedError", "IncorrectPolicyType"}
+    unmapped = [
+        name
+        for name, cls in vars(redis.exceptions).items()
+        if isinstance(cls, type) and issubclass(cls, BaseException) and name not in not_answers
+        if not issubclass(cls, STORE_ERRORS)
+    ]
+    assert unmapped == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -78,6 +79,10 @@ class _PerWindow(_Strict):
     def window_seconds(self) -> int:
         return self._parsed[1]
 
+    @property
+    def window_ms(self) -> int:
+        return self._parsed[1] * 1000
+
 
 class RateLimit(_PerWindow):
     """At most ``count`` requests per window."""
@@ -99,6 +104,10 @@ class MinInterval(_Strict):
 
     seconds: Annotated[float, Field(gt=0)]
     per: Per = "user"
+
+    @property
+    def ms(self) -> int:
+        return max(1, int(self.seconds * 1000))
 
 
 class Concurrency(_Strict):
@@ -167,12 +176,18 @@ class LimitsConfig(_Strict):
 
 @dataclass(frozen=True)
 class Effective:
-    """The limits that apply to one request."""
+    """The limits that apply to one request. Built once per plan and route for the rules
+    in force (``GatewayState.limits_for``), so what is derived here is derived once."""
 
     rate: tuple[RateLimit, ...]
     min_interval: MinInterval | None
     concurrency: Concurrency | None
     tokens: tuple[TokenRate, ...] = ()
+
+    @cached_property
+    def rate_policy(self) -> str:
+        """The ``RateLimit-Policy`` header of the rates (IETF draft), or ""."""
+        return ", ".join(f'"{r.policy_name}";q={r.count};w={r.window_seconds}' for r in self.rate)
 
 
 def effective(config: LimitsConfig, plan: str | None, route_limits: LimitSet | None) -> Effective:

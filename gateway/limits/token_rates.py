@@ -1,6 +1,6 @@
-"""Token-rate limits: what goes into ``lua/tokens.lua`` and ``lua/settle_tokens.lua`` and
-what comes out. ``Limiter`` runs the scripts (it is the seam to Redis); ``admit`` and
-``peek`` read their answer through here, so they cannot read it differently.
+"""Token-rate limits: their entries, their verdicts, and what goes into
+``lua/settle_tokens.lua``. ``admit.lua`` checks and records them with the other limits
+(see ``admission``); ``Limiter`` runs the scripts (it is the seam to Redis).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from typing import Any, NamedTuple
 from gateway.limits import verdicts as refuse
 from gateway.limits.config import TokenRate
 from gateway.limits.verdicts import LimitVerdict, retry_seconds
-
-DRY = "-"  # the entry of a check that records nothing
 
 
 class TokenEntry(NamedTuple):
@@ -38,33 +36,11 @@ def amounts_key(log: str) -> str:
     return f"{log}:amounts"
 
 
-def check_call(
-    logs: list[str], rates: tuple[TokenRate, ...], tokens: int, now: int, entry: str
-) -> tuple[list[str], list[Any]]:
-    """The keys and arguments of tokens.lua: every rate at once; ``entry`` is recorded in
-    each log when all fit, unless it is ``DRY``."""
-    keys = [key for log in logs for key in (log, amounts_key(log))]
-    args: list[Any] = [now, entry, tokens, "dry" if entry == DRY else "record"]
-    for rate in rates:
-        args += [rate.window_seconds * 1000, rate.count]
-    return keys, args
-
-
-def read_checks(
-    logs: list[str], rates: tuple[TokenRate, ...], answer: list[int]
-) -> list[TokenCheck]:
-    _, *per_rate = answer
-    return [
-        TokenCheck(rate, log, bool(per_rate[3 * i]), per_rate[3 * i + 1], per_rate[3 * i + 2])
-        for i, (rate, log) in enumerate(zip(rates, logs, strict=True))
-    ]
-
-
 def entries(checks: list[TokenCheck], member: str, tokens: int) -> list[TokenEntry]:
-    return [TokenEntry(c.log, member, tokens, c.rate.window_seconds * 1000) for c in checks]
+    return [TokenEntry(c.log, member, tokens, c.rate.window_ms) for c in checks]
 
 
-def verdict(check: TokenCheck, tokens: int) -> LimitVerdict:
+def verdict(check: TokenCheck, tokens: int, headers: dict[str, str]) -> LimitVerdict:
     rate = check.rate
     detail = f"{max(0, rate.count - check.used)} of {rate.count} tokens left per "
     detail += f"{rate.window_seconds}s"
@@ -73,7 +49,7 @@ def verdict(check: TokenCheck, tokens: int) -> LimitVerdict:
     return LimitVerdict(
         f"tokens {rate.limit} per {rate.per}",
         detail,
-        None if check.fits else refuse.tokens_limited(rate, tokens, check.retry_ms, {}),
+        None if check.fits else refuse.tokens_limited(rate, tokens, check.retry_ms, headers),
     )
 
 

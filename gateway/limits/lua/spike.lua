@@ -2,6 +2,7 @@
 -- Spend is kept in per-bucket counters of a hash (field: bucket number).
 -- KEYS[1]  hash of spend per bucket
 -- KEYS[2]  alert cooldown marker (one alert per cooldown)
+-- KEYS[3]  the organization's block: its value is the time it ends
 -- ARGV[1]  now, in milliseconds
 -- ARGV[2]  bucket length, in milliseconds
 -- ARGV[3]  buckets in the recent window
@@ -10,6 +11,7 @@
 -- ARGV[6]  minimum recent spend for a spike (small numbers are never spikes)
 -- ARGV[7]  tokens spent now
 -- ARGV[8]  alert cooldown, in milliseconds
+-- ARGV[9]  "block": a spike also blocks the organization for the cooldown
 -- Returns {spike (1|0), recent_spend, baseline_per_window (x1000, integer)}.
 local now = tonumber(ARGV[1])
 local size = tonumber(ARGV[2])
@@ -33,6 +35,9 @@ local spike = 0
 if recent >= tonumber(ARGV[6]) and recent > tonumber(ARGV[5]) * baseline
     and redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('SET', KEYS[2], now, 'PX', tonumber(ARGV[8]))
+  if ARGV[9] == 'block' then
+    redis.call('SET', KEYS[3], now + tonumber(ARGV[8]), 'PX', tonumber(ARGV[8]))
+  end
   spike = 1
 end
 return {spike, recent, math.floor(baseline * 1000)}
