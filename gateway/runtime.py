@@ -35,6 +35,7 @@ from gateway.auth import Authenticator
 from gateway.embedded import start_postgres, start_valkey
 from gateway.errors import ConfigError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.seam import refusal
 from gateway.limits.limiter import Limiter
 from gateway.proxy import new_session
 from gateway.rules import Rules
@@ -84,17 +85,32 @@ async def check_serving(rules: Rules, environ: Mapping[str, str]) -> None:
 
 @contextlib.asynccontextmanager
 async def open_ledger(settings: Settings, rules: Rules) -> AsyncIterator[Ledger]:
-    """Connect to the configured (or embedded) PostgreSQL, migrate, and sync plans. Raises
-    ``LedgerUnavailable`` saying which server could not be reached, or that
-    ``GATEWAY_DB_SCHEMA`` names no schema; ``EmbeddedUnavailable`` when the embedded
-    server cannot start."""
+    """Connect to the configured (or embedded) PostgreSQL, directly or through the pooler
+    ``GATEWAY_DB_POOLER`` names, with a pool of ``GATEWAY_DB_POOL_MIN`` to
+    ``GATEWAY_DB_POOL_MAX`` connections; migrate, and sync plans. Raises
+    ``LedgerUnavailable`` saying which server could not be reached, that it refused
+    connections (and how to size the pools), that ``GATEWAY_DB_SCHEMA`` names no schema,
+    or, behind a pooler, that the server's connections are not in it;
+    ``EmbeddedUnavailable`` when the embedded server cannot start."""
     dsn = settings.database_url
     if dsn is None:
         dsn = await asyncio.to_thread(start_postgres, settings.data_dir)
     try:
-        ledger = await Ledger.connect(dsn, schema=settings.database_schema)
+        ledger = await Ledger.connect(
+            dsn,
+            schema=settings.database_schema,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            pooler=settings.db_pooler is not None,
+        )
     except LedgerUnavailable as exc:
-        raise LedgerUnavailable(_unreachable(dsn, exc)) from exc
+        if exc.__cause__ is None or refusal(exc.__cause__, settings.db_pool_max):
+            raise  # the server answered: the seam says what it refused, and what to do
+        message = _unreachable(dsn, exc)
+        if settings.db_pooler is None and "unsupported startup parameter" in message:
+            # PgBouncer's answer to the search_path that it cannot keep per client.
+            message += "; PgBouncer answers there: set GATEWAY_DB_POOLER=pgbouncer"
+        raise LedgerUnavailable(message) from exc
     try:
         try:
             applied = await ledger.migrate()

@@ -1,6 +1,14 @@
 """The ledger's one seam to PostgreSQL (asyncpg): the pool, the single point where driver
 and server failures become ``LedgerUnavailable``, and the schema (migrations, then the
-server-side functions in ``sql/*.sql``)."""
+server-side functions in ``sql/*.sql``).
+
+Behind a transaction pooler (PgBouncer's ``pool_mode = transaction``), consecutive
+statements of one client connection may run on different server connections, so the
+ledger relies on nothing that outlives a transaction. Every operation is one statement
+(its own implicit transaction) or one explicit transaction; its advisory locks are
+transaction-scoped (``pg_advisory_xact_lock``; a session lock would stay on whichever
+server connection took it); ``connect`` with ``pooler=True`` turns off asyncpg's named
+prepared statements and leaves the schema to the server (see ``connect``)."""
 
 from __future__ import annotations
 
@@ -36,10 +44,60 @@ FUNCTION_FILES = (
 )
 
 
+# asyncpg's own default: named prepared statements, one per distinct query and connection.
+_STATEMENT_CACHE_SIZE = 100
+
+# PgBouncer's answer when its max_client_conn is reached (SQLSTATE 08P01, as for any error
+# of its own).
+_PGBOUNCER_FULL = "no more connections allowed"
+# PostgreSQL's words when it refuses a connection for want of a slot (SQLSTATE 53300), which
+# PgBouncer passes on under 08P01 when it cannot open a server connection at all.
+_SERVER_FULL = (
+    "too many clients already",
+    "too many connections for",
+    "remaining connection slots are reserved",
+)
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Connections go back to the pool as they are: the ledger keeps no session state (its
     advisory locks are transaction-scoped and its settings are fixed at connect), so
-    asyncpg's default reset would only cost one more round trip per operation."""
+    asyncpg's default reset would only cost one more round trip per operation (and behind
+    a transaction pooler would reset some other client's server connection)."""
+
+
+def refusal(exc: BaseException | None, pool_max: int) -> str | None:
+    """When ``exc`` is PostgreSQL or PgBouncer refusing a connection for want of a free
+    slot: who refused, what it said, and how to size the pools (``pool_max`` being the
+    connections one gateway process may hold). None for any other failure."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return None
+    pools = (
+        f"every gateway process may hold GATEWAY_DB_POOL_MAX ({pool_max}) connections, so "
+        "workers x replicas x GATEWAY_DB_POOL_MAX must stay under"
+    )
+    server = (
+        "the server's max_connections less its reserved slots (and under the role's or "
+        "database's CONNECTION LIMIT)"
+    )
+    if isinstance(exc, asyncpg.TooManyConnectionsError):
+        return (
+            f"PostgreSQL refused a connection ({exc}): {pools} {server}; lower "
+            "GATEWAY_DB_POOL_MAX, raise the limit, or put PgBouncer in front"
+        )
+    if _PGBOUNCER_FULL in str(exc):
+        return (
+            f"PgBouncer refused a connection ({exc}): {pools} PgBouncer's max_client_conn; "
+            "lower GATEWAY_DB_POOL_MAX or raise max_client_conn"
+        )
+    if any(words in str(exc) for words in _SERVER_FULL):
+        # PgBouncer queues its clients while it has server connections: this is none.
+        return (
+            f"PgBouncer could not open a server connection, PostgreSQL refused it ({exc}): "
+            "PgBouncer's server connections (default_pool_size per database and user, or "
+            f"max_db_connections) must stay under {server}"
+        )
+    return None
 
 
 def _sql(name: str) -> str:
@@ -64,11 +122,23 @@ class LedgerSeam:
         min_size: int = 2,
         max_size: int = 20,
         timeout: float = 5.0,  # noqa: ASYNC109 - passed on to asyncpg as its timeouts
+        pooler: bool = False,
     ) -> Self:
-        """Open a connection pool. Raises ``LedgerUnavailable`` when the server cannot be
-        reached within ``timeout`` seconds."""
+        """Open a pool of ``min_size`` to ``max_size`` connections, in ``schema`` (else the
+        server's search_path) and time zone UTC.
+
+        With ``pooler``, ``dsn`` is a transaction pooler (PgBouncer) in front of PostgreSQL,
+        which keeps per client only the parameters it tracks (time zone and application
+        name among them, search_path not): queries then go as unnamed statements, parsed
+        again with each execution, which any pooler passes in one piece; and the schema is
+        the role's own search_path on the server, which must name ``schema`` first.
+
+        Raises ``LedgerUnavailable`` when the server cannot be reached within ``timeout``
+        seconds, when it (or the pooler) refuses connections for want of slots, saying how
+        to size the pools, and with ``pooler``, when the server's connections are not in
+        ``schema`` and UTC, saying how to make them so."""
         settings = {"timezone": "UTC", "application_name": "metering-gateway"}
-        if schema is not None:
+        if schema is not None and not pooler:
             settings["search_path"] = schema
         try:
             pool = await asyncpg.create_pool(
@@ -79,10 +149,48 @@ class LedgerSeam:
                 command_timeout=timeout,
                 server_settings=settings,
                 reset=_keep_session,
+                # asyncpg's named statements live on the server connection that parsed
+                # them, which a transaction pooler does not keep for us. Without its cache,
+                # asyncpg sends Parse with each Bind and Execute: one more parse per query,
+                # and no reliance on PgBouncer's max_prepared_statements (1.21 and later).
+                statement_cache_size=0 if pooler else _STATEMENT_CACHE_SIZE,
             )
         except (*_UNAVAILABLE, ValueError) as exc:
-            raise LedgerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        return cls(pool, clock=clock, timeout=timeout)
+            raise LedgerUnavailable(
+                refusal(exc, max_size) or f"cannot connect to PostgreSQL: {exc}"
+            ) from exc
+        seam = cls(pool, clock=clock, timeout=timeout)
+        if pooler:
+            try:
+                await seam._check_pooled_session(schema)
+            except BaseException:
+                await pool.close()
+                raise
+        return seam
+
+    async def _check_pooled_session(self, schema: str | None) -> None:
+        """Behind a pooler, the session settings are the server's: check the ones the
+        ledger depends on (its schema; UTC, in which periods are computed)."""
+        row = await self._fetchrow(
+            "SELECT current_schema() AS schema, current_setting('TimeZone') AS timezone,"
+            " format('ALTER ROLE %I SET search_path = %s', current_user, quote_ident($1)) AS fix",
+            schema,
+        )
+        if schema is not None and row["schema"] != schema:
+            found = f"'{row['schema']}'" if row["schema"] else "no existing schema"
+            raise LedgerUnavailable(
+                f"behind a pooler, the ledger's schema '{schema}' must come from the "
+                f"server, and its connections' search_path puts {found} first: run "
+                f"{row['fix']}, then have the pooler open new server connections "
+                "(PgBouncer: RECONNECT on its admin console), or set GATEWAY_DB_SCHEMA to "
+                "the schema in use"
+            )
+        if row["timezone"] != "UTC":
+            raise LedgerUnavailable(
+                f"the pooler's connections are in time zone '{row['timezone']}', not UTC: it "
+                "drops the gateway's timezone parameter (PgBouncer keeps it unless "
+                "ignore_startup_parameters lists it)"
+            )
 
     async def close(self) -> None:
         await self._pool.close()
@@ -92,10 +200,15 @@ class LedgerSeam:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 return list(await conn.fetch(query, *args, timeout=self._timeout))
         except _UNAVAILABLE as exc:
-            log.error("ledger unavailable: %s: %s", type(exc).__name__, exc)
+            log.error(
+                "ledger unavailable: %s", self._refusal(exc) or f"{type(exc).__name__}: {exc}"
+            )
             raise LedgerUnavailable(
                 "the ledger is unavailable; nothing was forwarded or charged"
             ) from exc
+
+    def _refusal(self, exc: BaseException) -> str | None:
+        return refusal(exc, self._pool.get_max_size())
 
     async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record:
         rows = await self._fetch(query, *args)
@@ -140,7 +253,7 @@ class LedgerSeam:
                 for name in FUNCTION_FILES:
                     await conn.execute(_sql(name))
         except _UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"migration failed: {exc}") from exc
+            raise LedgerUnavailable(f"migration failed: {self._refusal(exc) or exc}") from exc
         return applied_now
 
     async def sync_plans(self, plans: dict[str, tuple[str, dict[str, int]]]) -> None:
@@ -167,7 +280,7 @@ class LedgerSeam:
                     ],
                 )
         except _UNAVAILABLE as exc:
-            raise LedgerUnavailable(f"cannot sync plans: {exc}") from exc
+            raise LedgerUnavailable(f"cannot sync plans: {self._refusal(exc) or exc}") from exc
 
 
 async def wait_for_ledger(dsn: str, *, attempts: int = 30, delay: float = 0.5) -> None:
