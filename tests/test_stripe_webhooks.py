@@ -100,9 +100,16 @@ def refund(event_id: str, *, refunded: int, amount: int = 1000) -> dict[str, Any
     return event(event_id, "charge.refunded", charge)
 
 
-def dispute(event_id: str, *, amount: int = 1000) -> dict[str, Any]:
-    obj = {"object": "dispute", "id": "dp_1", "charge": "ch_1", "payment_intent": "pi_1"}
-    return event(event_id, "charge.dispute.created", {**obj, "amount": amount})
+def dispute(
+    event_id: str,
+    *,
+    amount: int = 1000,
+    kind: str = "created",
+    status: str = "needs_response",
+    dispute_id: str = "dp_1",
+) -> dict[str, Any]:
+    obj = {"object": "dispute", "id": dispute_id, "charge": "ch_1", "payment_intent": "pi_1"}
+    return event(event_id, f"charge.dispute.{kind}", {**obj, "amount": amount, "status": status})
 
 
 async def purchased(ledger: Ledger, org: str) -> int:
@@ -274,6 +281,43 @@ async def test_a_dispute_then_a_refund_takes_the_pack_back_once(
     assert await purchased(ledger, "acme") == 0
     assert (await deliver(client, refund("evt_d8", refunded=1000)))[2]["outcome"] == "unchanged"
     assert await purchased(ledger, "acme") == 0
+
+
+async def test_a_dispute_won_gives_the_pack_back_and_forgives_what_was_unbilled(
+    client: Client, ledger: Ledger, db: asyncpg.Connection
+) -> None:
+    paid = checkout("evt_w1", "acme", "cus_acme", payment_intent="pi_1", amount_total=1000)
+    assert (await deliver(client, paid))[2]["outcome"] == "ok"
+    await spend(ledger, "acme", 30)
+    assert (await deliver(client, dispute("evt_w2")))[2]["outcome"] == "shortfall"
+    assert await purchased(ledger, "acme") == 0  # 70 taken back, 30 unbilled
+    won = dispute("evt_w3", kind="closed", status="won")
+    assert (await deliver(client, won))[2]["outcome"] == "restored"
+    assert await purchased(ledger, "acme") == 70  # the 30 spent are forgiven, not re-credited
+    assert (await deliver(client, won))[2]["outcome"] == "duplicate"
+    reinstated = dispute("evt_w4", kind="funds_reinstated", status="won")
+    assert (await deliver(client, reinstated))[2]["outcome"] == "unchanged"
+    assert await purchased(ledger, "acme") == 70
+    adjustments = [r for r in await ledger.journal("acme", limit=20) if r["kind"] == "adjust"]
+    assert [r["purchased_delta"] for r in reversed(adjustments)] == [-70, 70]
+    payment = await db.fetchrow("SELECT * FROM stripe_payments WHERE payment_intent = 'pi_1'")
+    assert payment is not None
+    assert (payment["disputed"], payment["clawed_back"], payment["unbilled"]) == (0, 0, 0)
+
+
+async def test_a_dispute_won_before_it_is_seen_opened_takes_nothing(
+    client: Client, ledger: Ledger
+) -> None:
+    paid = checkout("evt_w5", "acme", "cus_acme", payment_intent="pi_1", amount_total=1000)
+    assert (await deliver(client, paid))[2]["outcome"] == "ok"
+    won = dispute("evt_w6", kind="closed", status="won")
+    assert (await deliver(client, won))[2]["outcome"] == "unchanged"
+    assert (await deliver(client, dispute("evt_w7")))[2]["outcome"] == "unchanged"
+    assert await purchased(ledger, "acme") == 100
+    # A second dispute of the same charge, lost, takes its share.
+    lost = dispute("evt_w8", amount=500, kind="closed", status="lost", dispute_id="dp_2")
+    assert (await deliver(client, lost))[2]["outcome"] == "ok"
+    assert await purchased(ledger, "acme") == 50
 
 
 async def test_a_refund_seen_before_its_pack_takes_it_back_when_it_is_credited(

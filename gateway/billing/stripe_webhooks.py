@@ -11,6 +11,7 @@ as the change), whatever order they arrive in.
 | customer.subscription.deleted | plan billing.cancel_plan, license canceled |
 | charge.refunded | the pack it paid for loses the share refunded |
 | charge.dispute.created | the pack it paid for loses the share disputed |
+| charge.dispute.closed (won), charge.dispute.funds_reinstated | the pack gets that share back |
 | anything else | 200, ignored |
 
 The organization comes from ``metadata.organization`` (the gateway writes it into every
@@ -178,10 +179,22 @@ async def stripe_webhook(request: web.Request) -> web.Response:
         return exc.response(instance=request.path)
 
 
+# Events that take a pack back (refunds, disputes) or give it back (a dispute won).
+_REVERSALS = frozenset(
+    {
+        "charge.refunded",
+        "charge.dispute.created",
+        "charge.dispute.closed",
+        "charge.dispute.funds_reinstated",
+    }
+)
+
+
 async def _apply(request: web.Request, event: StripeEvent, billing: BillingConfig) -> web.Response:
     ledger = request.config_dict[STATE].ledger
     obj, at = event.object, "data.object."
-    if event.type in ("charge.refunded", "charge.dispute.created"):
+    if event.type in _REVERSALS:
+        dispute, won = None, False
         if event.type == "charge.refunded":
             paid = _count(obj, "amount", at, required=True)
             refunded = _count(obj, "amount_refunded", at, required=True)
@@ -191,6 +204,10 @@ async def _apply(request: web.Request, event: StripeEvent, billing: BillingConfi
         else:
             disputed = _count(obj, "amount", at, required=True)
             charge, paid, refunded = _ref(obj, "charge", at), None, None
+            dispute = _text(obj, "id", at, required=True)
+            won = event.type == "charge.dispute.funds_reinstated" or (
+                event.type == "charge.dispute.closed" and _text(obj, "status", at) == "won"
+            )
         reversal = await ledger.stripe_reverse(
             event.id,
             event.type,
@@ -199,6 +216,8 @@ async def _apply(request: web.Request, event: StripeEvent, billing: BillingConfi
             paid=paid,
             refunded=refunded,
             disputed=disputed,
+            dispute=dispute,
+            won=won,
         )
         outcome = str(reversal["status"])
         _log(event, reversal["org"] or charge, outcome)

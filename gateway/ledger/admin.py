@@ -126,15 +126,18 @@ class LedgerAdmin(LedgerSeam):
         paid: int | None = None,
         refunded: int | None = None,
         disputed: int | None = None,
+        dispute: str | None = None,
+        won: bool = False,
     ) -> dict[str, Any]:
-        """Apply one refund or dispute of a Stripe payment exactly once (see
-        gw_stripe_reverse): its pack loses the share refunded or disputed, from what is left
-        of the purchased bucket. Returns ``status`` (ok, shortfall, unchanged, duplicate or
-        unknown_payment), ``org``, ``token_type``, ``taken`` and ``unbilled`` (tokens
-        already spent, recorded in stripe_clawbacks)."""
+        """Apply one refund or dispute (``dispute``: its id; ``won`` once the merchant won
+        it) of a Stripe payment exactly once (see gw_stripe_reverse): its pack loses the
+        share refunded or disputed, from what is left of the purchased bucket, or gets it
+        back when a dispute is won. Returns ``status`` (ok, shortfall, restored, unchanged,
+        duplicate or unknown_payment), ``org``, ``token_type``, ``taken`` (negative: given
+        back) and ``unbilled`` (tokens already spent, recorded in stripe_clawbacks)."""
         return dict(
             await self._fetchrow(
-                "SELECT * FROM gw_stripe_reverse($1, $2, $3, $4, $5, $6, $7, $8)",
+                "SELECT * FROM gw_stripe_reverse($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 event_id,
                 event_type,
                 payment_intent,
@@ -143,6 +146,8 @@ class LedgerAdmin(LedgerSeam):
                 refunded,
                 disputed,
                 self.clock(),
+                dispute,
+                won,
             )
         )
 

@@ -1,12 +1,14 @@
 -- Stripe: applying billing events exactly once.
 -- Re-applied (CREATE OR REPLACE) by every migrate, after periods.sql (see FUNCTION_FILES).
 
--- Take back what is due of one pack after a refund or dispute of its payment: the share
--- of its tokens that the money refunded or disputed (together, at most what was paid)
--- stands for, rounded up, less what earlier events took back. What the purchased bucket
--- still holds is taken (a journal row of kind 'adjust' naming the charge); the rest was
--- spent already and is recorded as unbilled. Does nothing before the pack is known.
--- The caller holds the payment's row lock.
+-- Bring one pack to what is due of it after refunds and disputes of its payment: the share
+-- of its tokens that the money refunded or disputed and not won back (together, at most
+-- what was paid) stands for, rounded up. More due than taken so far: what the purchased
+-- bucket still holds is taken (a journal row of kind 'adjust' naming the charge) and the
+-- rest, spent already, is recorded as unbilled. Less due (a dispute won): the unbilled
+-- debt is forgiven first, then tokens taken are given back (an 'adjust' row too).
+-- Returns the tokens taken (negative: given back) and the unbilled change. Does nothing
+-- before the pack is known. The caller holds the payment's row lock.
 CREATE OR REPLACE FUNCTION gw_stripe_clawback(p_payment_intent text, p_event_id text,
                                               p_now timestamptz)
 RETURNS TABLE (taken bigint, shortfall bigint) LANGUAGE plpgsql AS $$
@@ -17,6 +19,8 @@ DECLARE
     v_acct accounts;
     v_take bigint;
     v_reason text;
+    v_forgiven bigint;
+    v_back bigint;
 BEGIN
     SELECT * INTO v_pay FROM stripe_payments WHERE payment_intent = p_payment_intent;
     IF v_pay.org_id IS NULL THEN
@@ -31,15 +35,29 @@ BEGIN
         v_due := (v_pay.tokens * least(v_money, v_pay.paid) + v_pay.paid - 1) / v_pay.paid;
     END IF;
     v_due := v_due - v_pay.clawed_back - v_pay.unbilled;
-    IF v_due <= 0 THEN
+    v_reason := format('Stripe %s: charge %s (payment %s) refunded %s and disputed %s of %s',
+                       p_event_id, coalesce(v_pay.charge, '?'), v_pay.payment_intent,
+                       v_pay.refunded, v_pay.disputed, coalesce(v_pay.paid::text, '?'));
+    IF v_due < 0 THEN
+        v_forgiven := least(-v_due, v_pay.unbilled);
+        v_back := -v_due - v_forgiven;
+        IF v_back > 0 THEN
+            PERFORM gw_touch_account(v_pay.org_id, v_pay.token_type, p_now);
+            PERFORM gw_grant(v_pay.org_id, v_pay.token_type, v_back, 'purchased', 'adjust',
+                             'stripe', v_reason || ': given back', p_now);
+        END IF;
+        UPDATE stripe_payments SET clawed_back = clawed_back - v_back,
+                                   unbilled = unbilled - v_forgiven
+            WHERE payment_intent = p_payment_intent;
+        RETURN QUERY SELECT -v_back, -v_forgiven;
+        RETURN;
+    END IF;
+    IF v_due = 0 THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
     END IF;
     v_acct := gw_touch_account(v_pay.org_id, v_pay.token_type, p_now);
     v_take := least(v_due, v_acct.purchased);
-    v_reason := format('Stripe %s: charge %s (payment %s) refunded %s and disputed %s of %s',
-                       p_event_id, coalesce(v_pay.charge, '?'), v_pay.payment_intent,
-                       v_pay.refunded, v_pay.disputed, coalesce(v_pay.paid::text, '?'));
     IF v_take > 0 THEN
         PERFORM gw_grant(v_pay.org_id, v_pay.token_type, -v_take, 'purchased', 'adjust',
                          'stripe', v_reason, p_now);
@@ -163,15 +181,17 @@ END
 $$;
 
 -- Apply one refund (p_refunded: the charge's amount_refunded so far, out of p_paid) or
--- dispute (p_disputed) of a payment, exactly once per event id: the payment's pack loses
--- its share (see gw_stripe_clawback). Amounts only grow, so Stripe's events may come in any
--- order, and a refund and a dispute of the same money take it back once.
--- status: ok | shortfall (part had been spent: unbilled) | unchanged (nothing more due) |
--- duplicate | unknown_payment (no payment intent to match; recorded and ignored)
--- taken and unbilled are the tokens this event took back and could not.
+-- dispute (p_dispute of p_disputed; p_won once it is won) of a payment, exactly once per
+-- event id: the payment's pack loses its share, or gets it back (see gw_stripe_clawback).
+-- Refunded amounts only grow and a dispute once won stays won, so Stripe's events may come
+-- in any order, and a refund and a dispute of the same money take it back once.
+-- status: ok | shortfall (part had been spent: unbilled) | restored (a dispute won) |
+-- unchanged (nothing more due) | duplicate | unknown_payment (no payment intent to match;
+-- recorded and ignored). taken and unbilled: the tokens this event took back (negative:
+-- gave back) and the change of what could not be taken.
 CREATE OR REPLACE FUNCTION gw_stripe_reverse(
     p_event_id text, p_type text, p_payment_intent text, p_charge text, p_paid bigint,
-    p_refunded bigint, p_disputed bigint, p_now timestamptz
+    p_refunded bigint, p_disputed bigint, p_now timestamptz, p_dispute text, p_won boolean
 ) RETURNS TABLE (status text, org text, token_type text, taken bigint, unbilled bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -206,11 +226,22 @@ BEGIN
             refunded = greatest(p.refunded, excluded.refunded),
             disputed = greatest(p.disputed, excluded.disputed)
         RETURNING * INTO v_pay;
+    IF p_dispute IS NOT NULL THEN
+        INSERT INTO stripe_disputes AS d (id, payment_intent, amount, won)
+            VALUES (p_dispute, v_pi, coalesce(p_disputed, 0), coalesce(p_won, false))
+            ON CONFLICT (id) DO UPDATE
+            SET amount = greatest(d.amount, excluded.amount), won = d.won OR excluded.won;
+        UPDATE stripe_payments p SET disputed = (
+                SELECT coalesce(sum(d.amount), 0) FROM stripe_disputes d
+                WHERE d.payment_intent = v_pi AND NOT d.won)
+            WHERE p.payment_intent = v_pi;
+    END IF;
     SELECT * INTO v_result FROM gw_stripe_clawback(v_pi, p_event_id, p_now);
     v_status := CASE
         WHEN v_pay.org_id IS NULL THEN 'unknown_payment'
         WHEN v_result.shortfall > 0 THEN 'shortfall'
         WHEN v_result.taken > 0 THEN 'ok'
+        WHEN v_result.taken < 0 OR v_result.shortfall < 0 THEN 'restored'
         ELSE 'unchanged' END;
     UPDATE stripe_events SET outcome = v_status, org_id = v_pay.org_id WHERE id = p_event_id;
     RETURN QUERY SELECT v_status, v_pay.org_id, v_pay.token_type, v_result.taken,
