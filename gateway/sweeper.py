@@ -214,7 +214,8 @@ class Sweeper:
                     log.error(
                         "the sweeper's PostgreSQL session moved from server process %s to %s: "
                         "its connection goes through a pooler in transaction mode, where "
-                        "advisory locks do not hold; set GATEWAY_SWEEPER=shared",
+                        "advisory locks do not hold; set GATEWAY_DB_POOLER=pgbouncer (or "
+                        "GATEWAY_SWEEPER=shared)",
                         self._pid,
                         pid,
                     )
