@@ -41,6 +41,8 @@ async def explain(
         "upstream_url": route.upstream.url,
         "token_type": route.token_type,
         "cost": route.cost,
+        # Priced by usage: "cost" is the hold of a request naming no model and no limits.
+        "usage": route.config.usage.format if route.config.usage is not None else None,
         "plans": route.config.plans,
         "enforce": route.config.enforce,
     }
@@ -129,7 +131,12 @@ def render(report: dict[str, Any]) -> str:
             f"{'' if route['enforce'] else ' [shadow: enforce: false]'}"
         )
         lines.append(f"  upstream: {route['upstream']} ({route['upstream_url']})")
-        lines.append(f"  token type: {route['token_type']}, cost {route['cost']}")
+        price = (
+            f"cost {route['cost']}"
+            if route["usage"] is None
+            else f"priced by usage ({route['usage']} format), hold {route['cost']}"
+        )
+        lines.append(f"  token type: {route['token_type']}, {price}")
         if route["plans"]:
             lines.append(f"  plans: {', '.join(route['plans'])}")
     for g in report.get("gates", []):

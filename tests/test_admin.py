@@ -128,8 +128,8 @@ async def test_admin_manages_an_organization(
     )
     ids = [e["id"] for e in page["entries"] + rest["entries"]]
     assert ids == sorted(ids, reverse=True) and len(ids) == len(set(ids))
-    adjust = next(e for e in page["entries"] + rest["entries"] if e["kind"] == "adjust")
-    assert adjust["actor"] == "admin:admin-token" and adjust["reason"] == "bad answer"
+    reversal = next(e for e in page["entries"] + rest["entries"] if e["kind"] == "reversal")
+    assert reversal["actor"] == "admin:admin-token" and reversal["reason"] == "bad answer"
     grant_row = next(e for e in rest["entries"] if e["kind"] == "grant")
     assert grant_row["actor"] == "admin:admin-token"
 

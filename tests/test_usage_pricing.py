@@ -51,6 +51,13 @@ USAGE_ROUTES = """\
     upstream: keyed
     token_type: general
     usage: {format: anthropic, rates: {input: 1000, output: 1000, cached_input: 100}, hold: 10}
+  - name: metered-capped
+    method: POST
+    path: /v1/metered/capped
+    upstream: keyed
+    token_type: general
+    usage: {format: openai, rates: {input: 1000, output: 1000}, hold: 10}
+    limits: {tokens: {limit: 25/minute, per: organization}}
   - name: metered-estimate
     method: POST
     path: /v1/metered/estimate
@@ -378,6 +385,8 @@ async def test_backend_credentials_replace_the_callers_and_stay_secret(
         headers=admin,
     )
     assert explained.status == 200 and SECRET_KEY not in await explained.text()
+    route = (await explained.json())["route"]
+    assert (route["usage"], route["cost"]) == ("openai", 10)  # the hold of a bare request
     failed = await gateway.client.post("/v1/metered/chat?status=502", json=chat(), headers=bearer())
     assert SECRET_KEY not in await failed.text()
     assert all(SECRET_KEY not in record.getMessage() for record in caplog.records)
@@ -483,3 +492,29 @@ async def test_the_app_answers_a_usage_route_with_no_body(gateway: Gateway) -> N
 
 def _unused(_: web.Request) -> None:  # keeps aiohttp.web imported for type hints above
     return None
+
+
+async def test_token_rate_limits_count_the_charge_not_the_hold(gateway: Gateway) -> None:
+    """Cap 25 tokens a minute; each request holds 10 and is charged 4. The window counts
+    each hold until its charge replaces it: 4 requests fit (4+4+4+10 = 22), the fifth
+    would make 16 + 10 = 26."""
+    statuses = []
+    for _ in range(5):
+        resp = await gateway.client.post(
+            "/v1/metered/capped?behave=usage&prompt=4", json=chat(), headers=bearer()
+        )
+        body = await resp.read()
+        statuses.append(resp.status)
+        if resp.status == 429:
+            problem = json.loads(body)
+            assert problem["code"] == "rate_limited"
+            assert "25 tokens per 60s" in problem["detail"]
+            assert int(resp.headers["Retry-After"]) >= 1
+    assert statuses == [200, 200, 200, 200, 429]
+    assert await gateway.available("acme", "general") == 100 - 16
+    # Another organization has its own window.
+    resp = await gateway.client.post(
+        "/v1/metered/capped?behave=usage&prompt=4", json=chat(), headers=bearer("bigco")
+    )
+    await resp.read()
+    assert resp.status == 200
