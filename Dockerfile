@@ -9,9 +9,13 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 gateway
 COPY --from=build /install /usr/local
 COPY rules.yaml /etc/gateway/rules.yaml
+# The data directory (the workers' shared metrics, embedded stores) must be writable by
+# the non-root user: the default ./.gateway would be /.gateway.
 ENV GATEWAY_RULES=/etc/gateway/rules.yaml \
+    GATEWAY_DATA_DIR=/home/gateway/.gateway \
     GATEWAY_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
+WORKDIR /home/gateway
 USER gateway
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
