@@ -65,7 +65,13 @@ KEEPALIVES = (
 APPLICATION_NAME = "metering-gateway sweeper"
 
 # What a lost or unreachable session raises: it is dropped, and reopened next round.
-_SESSION_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_SESSION_ERRORS = (
+    LedgerUnavailable,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 Opener = Callable[[], Awaitable["asyncpg.Connection"]]
 
@@ -95,19 +101,11 @@ def sweeper_mode(environ: Mapping[str, str]) -> Mode:
 
 def session_opener(ledger: Ledger) -> Opener:
     """Opens connections as the ledger's pool opens its own (server, credentials, schema,
-    timeouts), named ``metering-gateway sweeper`` in ``pg_stat_activity``."""
-    # The ledger's seam does not say how it connects; its pool knows. A ledger method
-    # opening a connection of its own would be the seam's place for this.
-    pool = ledger._pool
-    args = list(pool._connect_args)  # type: ignore[attr-defined]
-    kwargs = dict(pool._connect_kwargs)  # type: ignore[attr-defined]
-    kwargs["server_settings"] = {
-        **(kwargs.get("server_settings") or {}),
-        "application_name": APPLICATION_NAME,
-    }
+    time zone), named ``metering-gateway sweeper`` in ``pg_stat_activity``, with TCP
+    keepalives so that a vanished leader's lock is freed within about 25 s."""
 
     async def open_session() -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+        conn = await ledger.open_session(APPLICATION_NAME)
         try:
             await conn.execute(KEEPALIVES)
         except BaseException:

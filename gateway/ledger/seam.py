@@ -111,6 +111,7 @@ class LedgerSeam:
         self._pool = pool
         self.clock = clock
         self._timeout = timeout
+        self._session_args: tuple[str, dict[str, str], float] | None = None
 
     @classmethod
     async def connect(
@@ -160,6 +161,7 @@ class LedgerSeam:
                 refusal(exc, max_size) or f"cannot connect to PostgreSQL: {exc}"
             ) from exc
         seam = cls(pool, clock=clock, timeout=timeout)
+        seam._session_args = (dsn, settings, timeout)
         if pooler:
             try:
                 await seam._check_pooled_session(schema)
@@ -167,6 +169,24 @@ class LedgerSeam:
                 await pool.close()
                 raise
         return seam
+
+    async def open_session(self, application_name: str) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, to the pool's server, as its user, in
+        its schema and time zone, named ``application_name``: for session state the pool
+        must not carry (the sweeper's election lock). The caller closes it."""
+        if self._session_args is None:
+            raise LedgerUnavailable("this ledger was not opened with connect()")
+        dsn, settings, timeout = self._session_args
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                dsn,
+                timeout=timeout,
+                command_timeout=timeout,
+                server_settings={**settings, "application_name": application_name},
+            )
+        except (*_UNAVAILABLE, ValueError) as exc:
+            raise LedgerUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        return conn
 
     async def _check_pooled_session(self, schema: str | None) -> None:
         """Behind a pooler, the session settings are the server's: check the ones the
