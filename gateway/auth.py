@@ -13,14 +13,20 @@ JWKS keys are fetched with aiohttp and cached for ``auth.jwks_cache_seconds``. A
 ``kid`` triggers a refetch (the provider may have rotated its keys), at most once every
 ``JWKS_REFETCH_INTERVAL`` seconds, so that tokens with random kids cannot turn the gateway
 into a load generator against the identity provider.
+
+Keys are parsed once (when the rules load, or the key set is fetched) and a token is
+verified once: its principal is then served from a ``TokenCache`` (gateway.auth_cache)
+until the token expires, at most ``MAX_AGE_SECONDS``, and no longer than the key set that
+verified it is fresh. A refresh that withdraws or changes a key empties the cache. Each
+rules version builds its own ``Authenticator``, so a reload starts with an empty cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,18 +37,19 @@ from typing import Any
 
 import aiohttp
 import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.types import Options
 
+from gateway.auth_cache import EXPIRED, TokenCache
 from gateway.auth_keys import (
     HMAC_KEY_BYTES,
-    MIN_RSA_BITS,
-    PUBLIC_KEY_TYPES,
     PublicKey,
+    SigningKey,
     describe,
     fits,
     load_public_key,
     load_secret,
+    parse_jwks,
     shown,
 )
 from gateway.errors import ConfigError, InvalidToken
@@ -65,13 +72,6 @@ class Principal:
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
-class _SigningKey:
-    kid: str | None
-    alg: str | None  # the JWK's own ``alg``, which then is the only one it may verify
-    key: PublicKey
-
-
 class _JwksUnavailable(Exception):
     """The key set could not be fetched or held no usable key; the message says why."""
 
@@ -86,9 +86,12 @@ class Authenticator:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """Load the keys ``config`` names. Raises ``ConfigError(source="auth")`` listing every
-        key that cannot be loaded. ``clock`` (monotonic seconds) times the JWKS cache."""
+        key that cannot be loaded. ``clock`` (monotonic seconds) times the JWKS cache and how
+        long a verification is trusted; ``wall_clock`` (seconds since the epoch) says when a
+        cached token has expired, and must be the clock PyJWT reads, as the default is."""
         self._config = config
         self._clock = clock
         errors: list[str] = []
@@ -123,7 +126,26 @@ class Authenticator:
             # Without a configured audience, a token's aud is none of our business.
             "verify_aud": config.audience is not None,
         }
-        self._jwks_keys: list[_SigningKey] | None = None  # None until a fetch succeeds
+        # The same checks, made while the token is parsed and before its signature: see
+        # _verify. PyJWT turns every claim check off unless told otherwise.
+        self._claims_first: Options = {
+            "verify_signature": False,
+            "verify_exp": True,
+            "verify_nbf": True,
+            "verify_iat": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            "verify_iss": config.issuer is not None,
+            "verify_aud": config.audience is not None,
+            "require": list(config.require),
+        }
+        self._jwt = jwt.PyJWT()
+        algorithms = get_default_algorithms()
+        self._verifiers: dict[str, Algorithm] = {a: algorithms[a] for a in config.algorithms}
+        self._tokens: TokenCache[Principal] = TokenCache(
+            leeway=config.leeway_seconds, wall_clock=wall_clock, clock=clock
+        )
+        self._jwks_keys: list[SigningKey] | None = None  # None until a fetch succeeds
         self._jwks_fetched_at = float("-inf")
         self._jwks_attempted_at = float("-inf")
         self._jwks_error = ""
@@ -135,16 +157,54 @@ class Authenticator:
         ``InvalidToken`` (its detail says why) for anything else, including a key set that
         cannot be fetched."""
         token = _bearer_token(authorization)
+        principal = self._tokens.get(token)
+        if principal is None:
+            principal, trusted_until = await self._verify(token)
+            self._tokens.put(token, principal, principal.claims, trusted_until=trusted_until)
+            log.debug("verified a token of user %r of %r", principal.user, principal.org)
+        return principal
+
+    async def close(self) -> None:
+        """Close the JWKS HTTP session, if one was opened."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal of ``token``, and until when (monotonic) the key that verified it
+        stays trusted. Raises ``InvalidToken`` as ``authenticate`` does."""
+        # One parse that checks the claims as it goes, then the signature with a key
+        # prepared at load. A token with anything wrong in it, or whose key must first be
+        # fetched, goes through _verify_in_order instead: its refusal then names what that
+        # order finds first, and no claim is read before a wait for keys.
+        try:
+            parsed = self._jwt.decode_complete(
+                token,
+                options=self._claims_first,
+                audience=self._config.audience,
+                issuer=self._config.issuer,
+                leeway=self._config.leeway_seconds,
+            )
+        except jwt.PyJWTError:
+            return await self._verify_in_order(token)
+        header = parsed["header"]
+        alg = self._accepted(header)
+        key = self._key_at_hand(alg, header)
+        if key is None:
+            return await self._verify_in_order(token)
+        signed = token.encode().rpartition(b".")[0]
+        if not self._verifiers[alg].verify(signed, key, parsed["signature"]):
+            raise InvalidToken(_explain(jwt.InvalidSignatureError()))
+        return self._principal(parsed["payload"]), self._trusted_until(alg)
+
+    async def _verify_in_order(self, token: str) -> tuple[Principal, float]:
+        """``_verify``, checking the header, the algorithm, the key (fetched if need be),
+        the signature and only then the claims."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"malformed token: {exc}") from exc
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._config.algorithms:
-            raise InvalidToken(
-                f"token algorithm {shown(alg)} is not accepted "
-                f"(accepted: {', '.join(self._config.algorithms)})"
-            )
+        alg = self._accepted(header)
         key: bytes | PublicKey
         if alg.startswith("HS"):
             assert self._secret is not None  # loaded whenever an HS algorithm is configured
@@ -164,13 +224,37 @@ class Authenticator:
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(_explain(exc)) from exc
-        return self._principal(payload)
+        return self._principal(payload), self._trusted_until(alg)
 
-    async def close(self) -> None:
-        """Close the JWKS HTTP session, if one was opened."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    def _accepted(self, header: dict[str, Any]) -> str:
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._config.algorithms:
+            raise InvalidToken(
+                f"token algorithm {shown(alg)} is not accepted "
+                f"(accepted: {', '.join(self._config.algorithms)})"
+            )
+        return alg
+
+    def _key_at_hand(self, alg: str, header: dict[str, Any]) -> bytes | PublicKey | None:
+        """The key for ``alg``, or None when the key set must be fetched first."""
+        if alg.startswith("HS"):
+            return self._secret
+        if self._public_key is not None:
+            return self._pem_key(alg)
+        if self._jwks_keys is None or self._jwks_stale():
+            return None
+        kid = header.get("kid")
+        return self._find_jwk(alg, kid if isinstance(kid, str) else None)
+
+    def _trusted_until(self, alg: str) -> float:
+        """Until when a verification with ``alg`` holds: the key set's next refresh for
+        JWKS keys, since a refresh may withdraw the key."""
+        if alg.startswith("HS") or self._jwks_url is None:
+            return math.inf
+        return self._jwks_fetched_at + self._config.jwks_cache_seconds
+
+    def _jwks_stale(self) -> bool:
+        return self._clock() - self._jwks_fetched_at >= self._config.jwks_cache_seconds
 
     def _principal(self, payload: dict[str, Any]) -> Principal:
         paths = self._config.claims
@@ -194,18 +278,19 @@ class Authenticator:
             claims=MappingProxyType(payload),
         )
 
+    def _pem_key(self, alg: str) -> PublicKey:
+        assert self._public_key is not None
+        if not fits(self._public_key, alg):
+            raise InvalidToken(
+                f"token algorithm {alg} does not match the configured "
+                f"{describe(self._public_key)} key"
+            )
+        return self._public_key
+
     async def _public_key_for(self, alg: str, kid: str | None) -> PublicKey:
         if self._public_key is not None:
-            if not fits(self._public_key, alg):
-                raise InvalidToken(
-                    f"token algorithm {alg} does not match the configured "
-                    f"{describe(self._public_key)} key"
-                )
-            return self._public_key
-
-        if self._jwks_keys is None or (
-            self._clock() - self._jwks_fetched_at >= self._config.jwks_cache_seconds
-        ):
+            return self._pem_key(alg)
+        if self._jwks_keys is None or self._jwks_stale():
             await self._refresh_jwks()
         if self._jwks_keys is None:
             raise InvalidToken(f"cannot fetch signing keys: {self._jwks_error}")
@@ -252,6 +337,9 @@ class Authenticator:
                     "; keeping the cached keys" if self._jwks_keys is not None else "",
                 )
                 return
+            if self._jwks_keys is not None and any(k not in keys for k in self._jwks_keys):
+                # A withdrawn or replaced key stops verifying cached tokens too.
+                self._tokens.clear()
             if self._jwks_keys is None or {k.kid for k in keys} != {k.kid for k in self._jwks_keys}:
                 log.info(
                     "signing keys from %s: %s",
@@ -261,7 +349,7 @@ class Authenticator:
             self._jwks_keys = keys
             self._jwks_fetched_at = self._clock()
 
-    async def _fetch_jwks(self) -> list[_SigningKey]:
+    async def _fetch_jwks(self) -> list[SigningKey]:
         assert self._jwks_url is not None
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -282,52 +370,9 @@ class Authenticator:
             reason = str(exc) or type(exc).__name__
             raise _JwksUnavailable(f"the key server is unreachable ({reason})") from exc
         try:
-            document = json.loads(body)
+            return parse_jwks(body, self._jwks_url, self._config.asymmetric)
         except ValueError as exc:
-            raise _JwksUnavailable("the key set is not JSON") from exc
-        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise _JwksUnavailable("the key set has no 'keys' list")
-        keys = [k for i, jwk in enumerate(document["keys"]) if (k := self._parse_jwk(i, jwk))]
-        if not keys:
-            raise _JwksUnavailable(
-                f"the key set holds no key for {', '.join(self._config.asymmetric)}"
-            )
-        return keys
-
-    def _parse_jwk(self, index: int, jwk: Any) -> _SigningKey | None:
-        """A usable signing key, or None (logged) for keys this gateway must not use."""
-        if not isinstance(jwk, dict):
-            return None
-        kid = jwk.get("kid")
-        name = f"key {shown(kid)}" if isinstance(kid, str) else f"keys[{index}]"
-        if jwk.get("use") not in (None, "sig") or jwk.get("kty") == "oct":
-            # Encryption keys are not for verifying; a symmetric key published in a key set
-            # would reopen HS/RS confusion.
-            log.debug("skipping %s of %s: not an asymmetric signing key", name, self._jwks_url)
-            return None
-        try:
-            parsed = jwt.PyJWK(jwk)
-        except jwt.PyJWTError as exc:
-            log.warning("skipping %s of %s: %s", name, self._jwks_url, exc)
-            return None
-        key = parsed.key
-        if not isinstance(key, PUBLIC_KEY_TYPES):
-            log.warning("skipping %s of %s: not a public key", name, self._jwks_url)
-            return None
-        if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-            log.warning(
-                "skipping %s of %s: RSA key of %d bits, below %d",
-                name,
-                self._jwks_url,
-                key.key_size,
-                MIN_RSA_BITS,
-            )
-            return None
-        alg = jwk.get("alg")
-        if not any(alg in (None, a) and fits(key, a) for a in self._config.asymmetric):
-            log.debug("skipping %s of %s: fits no configured algorithm", name, self._jwks_url)
-            return None
-        return _SigningKey(kid=parsed.key_id, alg=alg if isinstance(alg, str) else None, key=key)
+            raise _JwksUnavailable(str(exc)) from exc
 
 
 def mint_token(
@@ -374,7 +419,7 @@ def _bearer_token(authorization: str | None) -> str:
 def _explain(exc: jwt.PyJWTError) -> str:
     """The client-facing reason a token was refused."""
     if isinstance(exc, jwt.ExpiredSignatureError):
-        return "token has expired"
+        return EXPIRED
     if isinstance(exc, jwt.ImmatureSignatureError):
         claim = "iat" if "(iat)" in str(exc) else "nbf"
         return f"token is not yet valid ({claim} is in the future)"

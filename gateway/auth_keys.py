@@ -1,11 +1,16 @@
 """Key material for JWT verification: the HS* secret from the environment, PEM public
-keys, and which key fits which algorithm. Loading failures are collected as errors with
-their path, for ``ConfigError``."""
+keys, the keys of a JWKS document, and which key fits which algorithm. Each is parsed
+once, when the rules load or the key set is fetched, never per token. Loading failures are
+collected as errors with their path, for ``ConfigError``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -14,6 +19,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 
 from gateway.rules import AuthConfig
+
+log = logging.getLogger("gateway.auth")
 
 MIN_SECRET_BYTES = 32
 # RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
@@ -31,6 +38,15 @@ PUBLIC_KEY_TYPES = (
     ed448.Ed448PublicKey,
 )
 EC_CURVES: dict[str, type[ec.EllipticCurve]] = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One usable key of a JWKS document."""
+
+    kid: str | None
+    alg: str | None  # the JWK's own ``alg``, which then is the only one it may verify
+    key: PublicKey
 
 
 def fits(key: PublicKey, alg: str) -> bool:
@@ -118,3 +134,58 @@ def load_public_key(config: AuthConfig, errors: list[str]) -> PublicKey | None:
         )
         return None
     return key
+
+
+def parse_jwks(body: bytes | bytearray, source: str, algorithms: Sequence[str]) -> list[SigningKey]:
+    """The keys of the JWKS document ``body`` (fetched from ``source``) that may verify
+    ``algorithms``; keys that may not are skipped and logged. Raises ``ValueError`` saying
+    why no key is usable."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise ValueError("the key set is not JSON") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("the key set has no 'keys' list")
+    keys = [
+        k for i, jwk in enumerate(document["keys"]) if (k := _parse_jwk(i, jwk, source, algorithms))
+    ]
+    if not keys:
+        raise ValueError(f"the key set holds no key for {', '.join(algorithms)}")
+    return keys
+
+
+def _parse_jwk(index: int, jwk: Any, source: str, algorithms: Sequence[str]) -> SigningKey | None:
+    """The signing key of the ``index``-th JWK of the key set at ``source``, or None
+    (logged) for a key this gateway must not use to verify ``algorithms``."""
+    if not isinstance(jwk, dict):
+        return None
+    kid = jwk.get("kid")
+    name = f"key {shown(kid)}" if isinstance(kid, str) else f"keys[{index}]"
+    if jwk.get("use") not in (None, "sig") or jwk.get("kty") == "oct":
+        # Encryption keys are not for verifying; a symmetric key published in a key set
+        # would reopen HS/RS confusion.
+        log.debug("skipping %s of %s: not an asymmetric signing key", name, source)
+        return None
+    try:
+        parsed = jwt.PyJWK(jwk)
+    except jwt.PyJWTError as exc:
+        log.warning("skipping %s of %s: %s", name, source, exc)
+        return None
+    key = parsed.key
+    if not isinstance(key, PUBLIC_KEY_TYPES):
+        log.warning("skipping %s of %s: not a public key", name, source)
+        return None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        log.warning(
+            "skipping %s of %s: RSA key of %d bits, below %d",
+            name,
+            source,
+            key.key_size,
+            MIN_RSA_BITS,
+        )
+        return None
+    alg = jwk.get("alg")
+    if not any(alg in (None, a) and fits(key, a) for a in algorithms):
+        log.debug("skipping %s of %s: fits no configured algorithm", name, source)
+        return None
+    return SigningKey(kid=parsed.key_id, alg=alg if isinstance(alg, str) else None, key=key)
