@@ -1,5 +1,8 @@
-"""The ledger check: after the gateway's run, the ledger (read through ``gateway.ledger.
-Ledger``, the gateway's own seam) must account for exactly what the load generator saw.
+"""The ledger checks: the ledger (read through ``gateway.ledger.Ledger``, the gateway's own
+seam) must account for exactly what reached the backend. ``judge`` checks one measurement
+against the load generator's count and the bench upstream's; ``judge_run`` checks the whole
+run (every part, warm-ups included) against the bench upstream's count of the requests the
+gateway forwarded, path by path, at each path's price.
 
 The bench runs synchronously; ``LedgerProbe`` keeps one event loop and one small
 connection pool open for the whole run, so each read is one round trip, not a connect."""
@@ -147,6 +150,7 @@ class LedgerCheck:
     refund_reasons: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    forwarded: int | None = None  # requests the gateway forwarded, by the upstream's count
 
     def verdict(self) -> str:
         return "FAILED" if self.problems else "ok"
@@ -160,6 +164,7 @@ def judge(
     *,
     concurrency: int,
     violations: list[str],
+    forwarded: int | None = None,
 ) -> LedgerCheck:
     """Compare the ledger's movement between two settled snapshots with the load
     generator's count; ``problems`` lists every disagreement (empty: the check passed).
@@ -167,7 +172,8 @@ def judge(
     The python generator waits for every request it sent: the fall must equal its 2xx
     count, with no refund. wrk drops its connections at the end with up to one request in
     flight on each, which the gateway still settles (commit or refund): charged-extra plus
-    refunded is at most ``concurrency``."""
+    refunded is at most ``concurrency``. With ``forwarded`` (the bench upstream's count of
+    the requests the gateway sent it meanwhile), commits must equal it."""
     drop = before.available - after.available
     check = LedgerCheck(
         ok_responses=load.ok,
@@ -180,8 +186,11 @@ def judge(
         concurrency=concurrency,
         refund_reasons=journal.refund_reasons,
         violations=violations,
+        forwarded=forwarded,
     )
     problems = check.problems
+    if forwarded is not None and check.commits != forwarded:
+        problems.append(f"{check.commits} commits but the upstream answered {forwarded}")
     if check.commits != drop:
         problems.append(f"{check.commits} commits but the balance fell by {drop}")
     if check.refunds and check.exact:
@@ -205,6 +214,73 @@ def judge(
             f"run; expected between {load.ok} and {load.ok + concurrency} "
             "(up to one request per connection in flight when wrk stopped)"
         )
+    if violations:
+        problems.append(f"ledger audit: {len(violations)} violation(s)")
+    return check
+
+
+@dataclass
+class RunLedgerCheck:
+    """The whole run against the upstream's count of what the gateway forwarded."""
+
+    forwarded: dict[str, int]  # path -> requests the gateway forwarded (upstream's count)
+    prices: dict[str, int]  # path -> tokens one such request costs
+    balance_drop: int
+    commits: int
+    refunds: int
+    expires: int
+    held_after: int
+    violations: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def expected_drop(self) -> int:
+        return sum(n * self.prices.get(path, 0) for path, n in self.forwarded.items())
+
+    def verdict(self) -> str:
+        return "FAILED" if self.problems else "ok"
+
+
+def judge_run(
+    before: Snapshot,
+    after: Snapshot,
+    journal: JournalSummary,
+    *,
+    forwarded: Mapping[str, int],
+    prices: Mapping[str, int],
+    violations: list[str],
+) -> RunLedgerCheck:
+    """The ledger between two settled snapshots that bracket every request the gateway got,
+    against ``forwarded`` (path -> requests that reached the upstream from the gateway
+    meanwhile): one commit per forwarded request, the balance fallen by each path's count
+    at its price, nothing held or expired, no audit violation. Refunds are requests the
+    gateway could not forward (a load generator hung up first): they move nothing."""
+    check = RunLedgerCheck(
+        forwarded=dict(sorted(forwarded.items())),
+        prices=dict(prices),
+        balance_drop=before.available - after.available,
+        commits=journal.kinds.get("commit", 0),
+        refunds=journal.kinds.get("refund", 0),
+        expires=journal.kinds.get("expire", 0),
+        held_after=after.held,
+        violations=violations,
+    )
+    problems = check.problems
+    unpriced = sorted(path for path, n in forwarded.items() if n and path not in prices)
+    if unpriced:
+        problems.append(f"the upstream answered the gateway on unexpected path(s): {unpriced}")
+    total = sum(forwarded.values())
+    if check.commits != total:
+        problems.append(f"{check.commits} commits for {total} requests forwarded")
+    if check.balance_drop != check.expected_drop:
+        problems.append(
+            f"the balance fell by {check.balance_drop}, the forwarded requests cost "
+            f"{check.expected_drop}"
+        )
+    if check.expires:
+        problems.append(f"{check.expires} expired reservation(s)")
+    if check.held_after:
+        problems.append(f"{check.held_after} reservation(s) still held")
     if violations:
         problems.append(f"ledger audit: {len(violations)} violation(s)")
     return check

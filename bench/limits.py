@@ -1,12 +1,22 @@
-"""The rules the gateway runs with during a benchmark: the given rules with their ``limits``
-adjusted by ``--limits`` so that one user's load is (or is not) refused."""
+"""The rules the gateway runs with during a benchmark: the given rules with the bench's two
+routes put first (a fixed-cost and a usage-priced chat completion, so that the run does not
+depend on how rules.yaml prices /v1/chat/completions today) and their ``limits`` adjusted by
+``--limits`` so that one user's load is (or is not) refused."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from bench.workload import PLAN
+from bench.workload import (
+    FIXED_COST,
+    PATH,
+    PLAN,
+    TOKEN_TYPE,
+    USAGE_HOLD,
+    USAGE_PATH,
+    USAGE_RATES,
+)
 
 # --limits bench: what rate limits and concurrency caps become, so that one user's load is
 # never refused while every check still runs.
@@ -76,12 +86,36 @@ def adjust_limits(doc: dict[str, Any], mode: str) -> dict[str, Any]:
     return doc
 
 
+def add_bench_routes(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (changed in place and returned) with the bench's routes first, so that they
+    win over the file's own: ``bench_fixed`` (POST PATH, FIXED_COST) and ``bench_usage``
+    (POST USAGE_PATH, priced by the usage the backend reports), both on the upstream
+    ``ai_backend`` (else the file's first upstream)."""
+    upstreams = list(doc.get("upstreams") or {})
+    upstream = "ai_backend" if "ai_backend" in upstreams or not upstreams else upstreams[0]
+    common = {"method": "POST", "upstream": upstream, "token_type": TOKEN_TYPE}
+    routes = [
+        {"name": "bench_fixed", **common, "path": PATH, "cost": FIXED_COST},
+        {
+            "name": "bench_usage",
+            **common,
+            "path": USAGE_PATH,
+            "usage": {
+                "format": "openai",
+                "rates": dict(USAGE_RATES),
+                "hold": USAGE_HOLD,
+                "on_missing_usage": "hold",
+            },
+        },
+    ]
+    doc["routes"] = routes + list(doc.get("routes") or [])
+    return doc
+
+
 def bench_rules(source: Path, mode: str, dest: Path) -> Path:
-    """The rules file the gateway runs with: ``source`` itself for ``rules``, else a copy
-    at ``dest`` with its limits adjusted (and a relative ``public_key_file`` made absolute,
-    since the copy lives elsewhere)."""
-    if mode == "rules":
-        return source
+    """The rules file the gateway runs with, written at ``dest``: ``source`` with the
+    bench's routes (``add_bench_routes``), its limits adjusted unless ``mode`` is ``rules``,
+    and a relative ``public_key_file`` made absolute, since the copy lives elsewhere."""
     import yaml
 
     doc = yaml.safe_load(source.read_text())
@@ -89,8 +123,11 @@ def bench_rules(source: Path, mode: str, dest: Path) -> Path:
     key_file = auth.get("public_key_file")
     if isinstance(key_file, str) and not Path(key_file).is_absolute():
         auth["public_key_file"] = str(source.parent / key_file)
+    add_bench_routes(doc)
+    if mode != "rules":
+        adjust_limits(doc, mode)
     dest.write_text(
         f"# {source} for bench/run.py --limits {mode}: {LIMITS_MODES[mode]}\n"
-        + yaml.safe_dump(adjust_limits(doc, mode), sort_keys=False)
+        + yaml.safe_dump(doc, sort_keys=False)
     )
     return dest

@@ -1,14 +1,15 @@
 """Load benchmark: the sample upstream, a bare aiohttp proxy and the metering gateway.
 
-One run starts the three servers as subprocesses, drives each in turn with the same load
-(POST /v1/chat/completions, a small JSON body, fixed concurrency and duration), prints
-requests/s and p50/p99 latency with their ratios, and checks the gateway's ledger against
-what the load generator saw. See bench/README.md. This module holds the options and the
-order of the run; the other modules of bench/ hold the pieces.
+One run starts the three servers as subprocesses and measures, side by side (see
+bench/README.md): throughput at 32 connections, latency at 1 connection, the streams each
+proxy holds, one hot account's reserve+commit pairs through the ledger seam, and 2 gateway
+workers against 1; then it checks the gateway's ledger against what reached the upstream
+and prints each figure against its bar. This module holds the options and the order of the
+run; the other modules of bench/ hold the pieces.
 
-    .venv/bin/python bench/run.py [--duration 10] [--concurrency 32] [--threads 2]
-        [--warmup 2] [--generator auto|wrk|python] [--limits bench|off|rules]
-        [--gateway-workers 1] [--json FILE] [--keep-logs]
+    .venv/bin/python bench/run.py [--only throughput,latency,sse,hot,workers]
+        [--duration 10] [--concurrency 32] [--threads 2] [--warmup 2]
+        [--generator auto|wrk|python] [--limits bench|off|rules] [--json FILE] ...
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -35,13 +37,40 @@ from typing import Any
 from bench import load as generators
 from bench import services
 from bench.errors import BenchError, Interrupted
-from bench.ledger_check import LedgerCheck, LedgerProbe, Snapshot, judge
+from bench.hot_account import hot_account
+from bench.ledger_check import LedgerProbe, Snapshot, judge, judge_run
 from bench.limits import LIMITS_MODES, bench_rules
 from bench.load import Load, probe_once
 from bench.machine import CpuWindow, machine
-from bench.report import Result, print_report, summarize_log, summary
+from bench.report import Outcome, Result, print_report, summarize_log, summary
 from bench.services import ROOT, GatewayCommand, Service, free_port, wait_http
-from bench.workload import BODY, GRANT, ORG, PATH, PLAN, TARGETS, TOKEN_TYPE, USER
+from bench.sse import DEFAULT_STEPS, StreamStep, ladder_steps, run_streams
+from bench.workload import (
+    BODY,
+    EVENT_INTERVAL,
+    FIXED_COST,
+    GRANT,
+    ORG,
+    PATH,
+    PLAN,
+    STREAM_BODY,
+    STREAM_EVENTS,
+    STREAM_QUERY,
+    TOKEN_TYPE,
+    USAGE_PATH,
+    USER,
+    usage_charge,
+)
+from gateway.sample_upstream import usage_for
+
+PARTS = ("throughput", "latency", "sse", "hot", "workers")
+# What each kind of target keeps busy: the CPU table counts these processes' trees.
+SERVING = {
+    "upstream": ("upstream",),
+    "passthrough": ("passthrough", "upstream"),
+    "gateway": ("gateway", "upstream"),
+}
+STREAM_SECONDS = STREAM_EVENTS * EVENT_INTERVAL  # how long one stream lasts, about
 
 
 class Bench:
@@ -49,7 +78,9 @@ class Bench:
         self.args = args
         self.wrk = generators.find_wrk() if args.generator in ("auto", "wrk") else None
         if args.generator == "wrk" and self.wrk is None:
-            raise BenchError("--generator wrk: wrk is not installed (apt-get install wrk)")
+            raise BenchError(
+                "--generator wrk: wrk is not installed (scripts/install-bench-tools.sh)"
+            )
         self.work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
         os.chmod(self.work, 0o755)  # the embedded PostgreSQL runs as its own user under root
         self.logs = self.work / "logs"
@@ -60,11 +91,14 @@ class Bench:
         self.schema: str | None = None
         self.probe: LedgerProbe | None = None
         self.failures: list[str] = []
-        self.results: list[Result] = []
-        self.ledger: LedgerCheck | None = None
+        self.outcome = Outcome()
         self.token = ""
         self.pids: dict[str, int] = {}
         self.generator = ""
+        self.upstream_url = ""
+        self.gateway_env: dict[str, str] = {}
+        self.gateway: GatewayCommand | None = None
+        self.gateway_service: Service | None = None
 
     # setup
 
@@ -74,15 +108,45 @@ class Bench:
         service.start()
         return service
 
-    def start(self) -> tuple[dict[str, str], LedgerProbe]:
+    def _start_gateway(self, workers: int, label: str) -> str:
+        """Start ``gateway serve`` (``workers``: 0 for its default) and wait until it is
+        up; its base URL."""
+        assert self.gateway is not None
+        port = free_port()
+        argv = ["--workers", str(workers)] if workers else []
+        print(
+            f"starting the gateway on http://127.0.0.1:{port} "
+            f"({f'{workers} worker(s)' if workers else 'its default number of workers'})"
+        )
+        service = self._service(
+            label,
+            self.gateway.argv("serve", "--host", "127.0.0.1", "--port", str(port), *argv),
+            self.gateway_env,
+        )
+        wait_http(f"http://127.0.0.1:{port}/healthz", service, 120)
+        self.gateway_service = service
+        self.pids["gateway"] = service.pid
+        return f"http://127.0.0.1:{port}"
+
+    def _open_probe(self) -> LedgerProbe:
+        dsn = self.database_url or services.embedded_dsn(self.data_dir)
+        if dsn is None:
+            raise BenchError(f"cannot find the embedded PostgreSQL's address in {self.data_dir}")
+        self.probe = LedgerProbe(dsn, self.schema)
+        return self.probe
+
+    def start(self) -> dict[str, str]:
+        """Start the three servers, seed the ledger, mint the token; each target's base URL."""
         python = sys.executable
-        up_port, pass_port, gw_port = free_port(), free_port(), free_port()
-        upstream_url = f"http://127.0.0.1:{up_port}"
+        up_port, pass_port = free_port(), free_port()
+        self.upstream_url = f"http://127.0.0.1:{up_port}"
         base_env = {k: v for k, v in os.environ.items() if k != "GATEWAY_DB_SCHEMA"}
 
-        print(f"starting the sample upstream on {upstream_url}")
+        print(f"starting the sample upstream (bench/upstream.py) on {self.upstream_url}")
         upstream = self._service(
-            "upstream", [python, "-m", "gateway.sample_upstream", "--port", str(up_port)], base_env
+            "upstream",
+            [python, str(services.BENCH / "upstream.py"), "--port", str(up_port)],
+            base_env,
         )
         print(f"starting the pass-through proxy on http://127.0.0.1:{pass_port}")
         passthrough = self._service(
@@ -93,14 +157,13 @@ class Bench:
                 "--port",
                 str(pass_port),
                 "--upstream",
-                upstream_url,
+                self.upstream_url,
             ],
             base_env,
         )
-
-        env = {
+        self.gateway_env = env = {
             **base_env,
-            "AI_BACKEND_URL": upstream_url,
+            "AI_BACKEND_URL": self.upstream_url,
             "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
             "GATEWAY_LOG_LEVEL": "WARNING",
             "GATEWAY_DATA_DIR": str(self.data_dir),  # embedded servers, if any, live here
@@ -113,126 +176,268 @@ class Bench:
         else:
             print(f"ledger: embedded PostgreSQL in {self.data_dir} (DATABASE_URL is not set)")
         rules = bench_rules(self.args.rules, self.args.limits, self.work / "rules.yaml")
-        gateway = GatewayCommand(rules, env)
-        gateway.run("rules", "check", str(rules))
+        self.gateway = GatewayCommand(rules, env)
+        self.gateway.run("rules", "check", str(rules))
         print(f"limits (--limits {self.args.limits}): {LIMITS_MODES[self.args.limits]}")
-        n = self.args.gateway_workers
-        workers = ["--workers", str(n)] if n else []
-        print(
-            f"starting the gateway on http://127.0.0.1:{gw_port} "
-            f"({f'{n} worker(s)' if n else 'its default number of workers'})"
-        )
-        gw = self._service(
-            "gateway",
-            gateway.argv("serve", "--host", "127.0.0.1", "--port", str(gw_port), *workers),
-            env,
-        )
-        wait_http(f"{upstream_url}/", upstream, 30)
+        wait_http(f"{self.upstream_url}/", upstream, 30)
         wait_http(f"http://127.0.0.1:{pass_port}/", passthrough, 30)
-        wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, 120)
+        gateway_url = self._start_gateway(self.args.gateway_workers, "gateway")
 
         # The gateway has migrated the ledger and synced the plans by now.
-        dsn = self.database_url or services.embedded_dsn(self.data_dir)
-        if dsn is None:
-            raise BenchError(f"cannot find the embedded PostgreSQL's address in {self.data_dir}")
-        self.probe = LedgerProbe(dsn, self.schema)
+        probe = self._open_probe()
         print(f"seeding: organization '{ORG}' on {PLAN}, {GRANT} '{TOKEN_TYPE}' tokens")
-        self.probe.seed(PLAN, GRANT)
-        self.token = gateway.run("token", "--org", ORG, "--user", USER, "--ttl", "1h").strip()
-        self.pids = {"upstream": upstream.pid, "passthrough": passthrough.pid, "gateway": gw.pid}
-        urls = {
-            "upstream": f"{upstream_url}{PATH}",
-            "passthrough": f"http://127.0.0.1:{pass_port}{PATH}",
-            "gateway": f"http://127.0.0.1:{gw_port}{PATH}",
+        probe.seed(PLAN, GRANT)
+        self.token = self.gateway.run("token", "--org", ORG, "--user", USER, "--ttl", "1h")
+        self.token = self.token.strip()
+        self.pids.update(upstream=upstream.pid, passthrough=passthrough.pid)
+        return {
+            "upstream": self.upstream_url,
+            "passthrough": f"http://127.0.0.1:{pass_port}",
+            "gateway": gateway_url,
         }
-        return urls, self.probe
 
     # measuring
 
-    def load(self, url: str, seconds: int) -> Load:
-        shape = {"threads": self.args.threads, "connections": self.args.concurrency}
+    def load(self, url: str, seconds: int, connections: int) -> Load:
+        shape = {"threads": min(self.args.threads, connections), "connections": connections}
         if self.wrk is not None:
             return generators.run_wrk(self.wrk, url, self.token, seconds=seconds, **shape)
         return generators.run_python(url, self.token, seconds=seconds, **shape)
 
     def measure(
-        self, target: str, url: str, probe: LedgerProbe | None = None
-    ) -> tuple[Result, Snapshot | None]:
-        """Warm up, then measure. With ``probe``, the ledger is snapshotted in between,
-        once the warm-up's requests have settled."""
+        self,
+        label: str,
+        kind: str,
+        url: str,
+        *,
+        connections: int,
+        seconds: int,
+        probe: LedgerProbe | None = None,
+    ) -> tuple[Result, tuple[Snapshot, dict[str, int]] | None]:
+        """Warm up, then measure ``url`` (served by ``kind``: upstream, passthrough or
+        gateway). With ``probe``, the ledger and the upstream's count of what the gateway
+        forwarded are read in between, once the warm-up's requests have settled."""
         args = self.args
         if args.warmup:
-            warm = self.load(url, args.warmup)
+            warm = self.load(url, args.warmup, connections)
             if warm.ok == 0:
                 raise BenchError(
-                    f"{target}: no 2xx answer in {warm.requests} request(s) during the warm-up "
+                    f"{label}: no 2xx answer in {warm.requests} request(s) during the warm-up "
                     f"(errors {warm.errors or 'none'}); one more request now answers "
                     f"{probe_once(url, self.token)}"
                 )
-        before = probe.settled() if probe is not None else None
-        serving = {"upstream": ["upstream"], "passthrough": ["passthrough", "upstream"]}.get(
-            target, ["gateway", "upstream"]
-        )
+        before = (probe.settled(), self.forwarded()) if probe is not None else None
         cpu = CpuWindow()
-        cpu.begin({name: self.pids[name] for name in serving})
-        load = self.load(url, args.duration)
-        result = Result(target, url, load, cpu.end())
+        cpu.begin({name: self.pids[name] for name in SERVING[kind]})
+        load = self.load(url, seconds, connections)
+        result = Result(label, url, load, cpu.end())
         print(
-            f"  {target}: {load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms, "
+            f"  {label}: {load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms, "
             f"p99 {load.p99_ms:.2f} ms; {load.requests} requests, {load.non_2xx} non-2xx, "
-            f"{load.error_count} errors"
+            f"{load.error_count} errors; load generator {result.cpu.get('load gen', 0):.0f}% "
+            f"of a CPU"
         )
         if load.non_2xx or load.error_count:
             what = f"{load.non_2xx} non-2xx response(s), errors {load.errors or 'none'}"
             if load.statuses:
                 what += f", statuses {load.statuses}"
             what += f"; one more request now answers {probe_once(url, self.token)}"
-            self.failures.append(f"{target}: {what}")
+            self.failures.append(f"{label}: {what}")
         return result, before
+
+    def part_throughput(self, urls: dict[str, str], probe: LedgerProbe) -> None:
+        args = self.args
+        targets = [
+            ("upstream", "upstream", PATH),
+            ("passthrough", "passthrough", PATH),
+            ("gateway", "gateway", PATH),
+            ("gateway usage", "gateway", USAGE_PATH),
+        ]
+        for label, kind, path in targets:
+            url = urls[kind] + path
+            print(f"\n== throughput, {label}: POST {url}, {args.concurrency} connections")
+            checked = label == "gateway"
+            result, before = self.measure(
+                label,
+                kind,
+                url,
+                connections=args.concurrency,
+                seconds=args.duration,
+                probe=probe if checked else None,
+            )
+            self.outcome.throughput.append(result)
+            if before is not None:
+                snapshot, forwarded_before = before
+                after = probe.settled()
+                forwarded = services.counted_between(forwarded_before, self.forwarded())
+                self.outcome.ledger = judge(
+                    snapshot,
+                    after,
+                    probe.journal_since(snapshot),
+                    result.load,
+                    concurrency=args.concurrency,
+                    violations=probe.audit(),
+                    forwarded=sum(forwarded.values()),
+                )
+                self.failures.extend(f"ledger: {p}" for p in self.outcome.ledger.problems)
+
+    def forwarded(self) -> dict[str, int]:
+        return services.forwarded_by_gateway(self.upstream_url)
+
+    def part_latency(self, urls: dict[str, str]) -> None:
+        for kind in ("upstream", "passthrough", "gateway"):
+            url = urls[kind] + PATH
+            print(f"\n== latency, {kind}: POST {url}, 1 connection")
+            result, _ = self.measure(
+                kind, kind, url, connections=1, seconds=self.args.latency_duration
+            )
+            self.outcome.latency.append(result)
+
+    def part_sse(self, urls: dict[str, str]) -> None:
+        args = self.args
+        for label, kind, path in (
+            ("passthrough", "passthrough", PATH),
+            ("gateway", "gateway", PATH),
+            ("gateway usage", "gateway", USAGE_PATH),
+        ):
+            url = urls[kind] + path + STREAM_QUERY
+            print(f"\n== sse, {label}: POST {url} (stream), steps {args.sse_steps}")
+            steps: list[StreamStep] = []
+            self.outcome.streams[label] = steps
+            for n in args.sse_steps:
+                cpu = CpuWindow()
+                cpu.begin({name: self.pids[name] for name in SERVING[kind]})
+                step = run_streams(
+                    label,
+                    url,
+                    self.token,
+                    STREAM_BODY,
+                    streams=n,
+                    processes=args.threads,
+                    ramp=STREAM_SECONDS,
+                    window=args.sse_window,
+                )
+                step.cpu = cpu.end()
+                steps.append(step)
+                print(
+                    f"  {n} streams: TTFB p50 {step.ttfb_p50_ms:.2f} ms, p99 "
+                    f"{step.ttfb_p99_ms:.2f} ms over {step.measured} streams; "
+                    f"{'holds' if step.holds() else step.why_not()}"
+                )
+                if not step.holds():
+                    break
+
+    def part_hot(self) -> None:
+        args = self.args
+        dsn = self.database_url or services.embedded_dsn(self.data_dir)
+        if dsn is None:
+            raise BenchError(f"cannot find the embedded PostgreSQL's address in {self.data_dir}")
+        print(
+            f"\n== hot account: {args.hot_concurrency} callers reserve and commit on one "
+            f"account for {args.hot_seconds}s (bench/hot_account.py, a schema of its own)"
+        )
+        self.outcome.hot = hot = asyncio.run(
+            hot_account(dsn, seconds=args.hot_seconds, concurrency=args.hot_concurrency)
+        )
+        print(
+            f"  {hot.per_second:,.0f} pairs/s ({hot.pairs} pairs), "
+            f"audit violations {hot.violations}"
+        )
+        if hot.violations:
+            self.failures.append(f"hot account: {hot.violations} audit violation(s)")
+
+    def part_workers(self, urls: dict[str, str]) -> dict[str, str]:
+        """1 gateway worker, then 2 (the first gateway is stopped and a second started on
+        the same ledger); the URLs with the new gateway's."""
+        args = self.args
+        print(f"\n== workers, 1: POST {urls['gateway']}{PATH}, {args.concurrency} connections")
+        one, _ = self.measure(
+            "gateway 1 worker",
+            "gateway",
+            urls["gateway"] + PATH,
+            connections=args.concurrency,
+            seconds=args.duration,
+        )
+        assert self.gateway_service is not None
+        if self.probe is not None and not self.database_url:
+            self.probe.close()  # the embedded PostgreSQL stops with the gateway
+            self.probe = None
+        self.gateway_service.stop()  # settles what it has in flight first
+        gateway_url = self._start_gateway(2, "gateway-2-workers")
+        if self.probe is None:
+            self._open_probe()
+        print(f"== workers, 2: POST {gateway_url}{PATH}, {args.concurrency} connections")
+        two, _ = self.measure(
+            "gateway 2 workers",
+            "gateway",
+            gateway_url + PATH,
+            connections=args.concurrency,
+            seconds=args.duration,
+        )
+        self.outcome.workers = [one, two]
+        return {**urls, "gateway": gateway_url}
 
     def run(self) -> None:
         args = self.args
-        urls, probe = self.start()
+        urls = self.start()
+        assert self.probe is not None
         self.generator = (
             f"{generators.wrk_version(self.wrk)} ({self.wrk})"
             if self.wrk
             else "python (aiohttp client, one event loop per process)"
         )
         print(
-            f"\nload generator: {self.generator}; {args.concurrency} connections over "
-            f"{min(args.threads, args.concurrency)} thread(s)/process(es); "
-            f"{args.warmup}s warm-up then {args.duration}s per target"
+            f"\nparts: {', '.join(args.only)}\nload generator: {self.generator}; "
+            f"{args.concurrency} connections over {min(args.threads, args.concurrency)} "
+            f"thread(s)/process(es); {args.warmup}s warm-up then {args.duration}s per target"
         )
-        for target in TARGETS:
-            print(f"\n== {target}: POST {urls[target]}")
-            metered = target == "gateway"
-            result, before = self.measure(target, urls[target], probe if metered else None)
-            self.results.append(result)
-            if before is not None:
-                after = probe.settled()
-                self.ledger = judge(
-                    before,
-                    after,
-                    probe.journal_since(before),
-                    result.load,
-                    concurrency=args.concurrency,
-                    violations=probe.audit(),
-                )
-                self.failures.extend(f"ledger: {p}" for p in self.ledger.problems)
+        run_before = self.probe.settled()
+        forwarded_before = self.forwarded()
+        if "throughput" in args.only:
+            self.part_throughput(urls, self.probe)
+        if "latency" in args.only:
+            self.part_latency(urls)
+        if "sse" in args.only:
+            self.part_sse(urls)
+        if "hot" in args.only:
+            self.part_hot()
+        if "workers" in args.only:
+            urls = self.part_workers(urls)
+        probe = self.probe
+        assert probe is not None
+        print("\n== ledger: waiting for the ledger to settle, then auditing")
+        run_after = probe.settled()
+        self.outcome.run_ledger = check = judge_run(
+            run_before,
+            run_after,
+            probe.journal_since(run_before),
+            forwarded=services.counted_between(forwarded_before, self.forwarded()),
+            prices=prices(),
+            violations=probe.audit(),
+        )
+        self.failures.extend(f"ledger: {p}" for p in check.problems)
 
     # reporting
 
     def config(self) -> dict[str, Any]:
         args = self.args
         return {
+            "parts": list(args.only),
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "concurrency": args.concurrency,
             "threads": min(args.threads, args.concurrency),
+            "latency_duration_s": args.latency_duration,
+            "sse_steps": list(args.sse_steps),
+            "sse_window_s": args.sse_window,
+            "stream_events": STREAM_EVENTS,
+            "hot_seconds": args.hot_seconds,
+            "hot_concurrency": args.hot_concurrency,
             "generator": self.generator,
             "ledger": "database_url" if self.database_url else "embedded",
             "limits": args.limits,
             "path": PATH,
+            "usage_path": USAGE_PATH,
             "body_bytes": len(BODY),
         }
 
@@ -242,10 +447,12 @@ class Bench:
         return "embedded PostgreSQL in a temporary data directory"
 
     def gateway_log(self) -> list[str]:
-        for service in self.services:
-            if service.name == "gateway":
-                return service.log_lines()
-        return []
+        return [
+            line
+            for service in self.services
+            if service.name.startswith("gateway")
+            for line in service.log_lines()
+        ]
 
     # cleanup
 
@@ -277,6 +484,16 @@ class Bench:
         return kept
 
 
+def prices() -> dict[str, int]:
+    """What one request to each of the bench's paths costs: the fixed route's cost, and the
+    usage-priced route's charge for the usage the sample upstream reports for the bench's
+    bodies (the same for the plain and the streamed one)."""
+    usage = usage_for(json.loads(BODY))
+    assert usage == usage_for(json.loads(STREAM_BODY))
+    charge = usage_charge(int(str(usage["prompt_tokens"])), int(str(usage["completion_tokens"])))
+    return {PATH: FIXED_COST, USAGE_PATH: charge}
+
+
 # -- main --------------------------------------------------------------------------------
 
 
@@ -287,10 +504,29 @@ def positive(text: str) -> int:
     return value
 
 
+def parts(text: str) -> tuple[str, ...]:
+    """``hot,throughput`` as the parts in the run's order. Unknown names are refused."""
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(chosen - set(PARTS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {','.join(PARTS)}"
+        )
+    return tuple(part for part in PARTS if part in chosen)
+
+
+def steps(text: str) -> tuple[int, ...]:
+    try:
+        return ladder_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Requests/s and p50/p99 latency of the sample upstream, a bare aiohttp "
-        "pass-through proxy and the metering gateway, in one run.",
+        description="The sample upstream, a bare aiohttp pass-through proxy and the metering "
+        "gateway side by side, in one run: throughput, latency, streams, one hot account and "
+        "gateway workers, each against its bar; then the ledger check.",
     )
     parser.add_argument("--duration", type=positive, default=10, help="seconds per target")
     parser.add_argument("--concurrency", type=positive, default=32, help="open connections")
@@ -323,6 +559,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="gateway serve --workers N (default 1, like the one-process pass-through; "
         "0: the gateway's default, one per core)",
     )
+    parser.add_argument(
+        "--only",
+        type=parts,
+        default=PARTS,
+        metavar="PARTS",
+        help=f"the parts to run, comma-separated (default: all of {','.join(PARTS)})",
+    )
+    parser.add_argument(
+        "--latency-duration",
+        type=positive,
+        default=5,
+        metavar="S",
+        help="seconds per target at 1 connection",
+    )
+    parser.add_argument(
+        "--sse-steps",
+        type=steps,
+        default=DEFAULT_STEPS,
+        metavar="N,N,...",
+        help="concurrent streams of each step, until TTFB p99 passes 50 ms "
+        f"(default {','.join(map(str, DEFAULT_STEPS))})",
+    )
+    parser.add_argument(
+        "--sse-window",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds of streams measured per step, after a ramp of one stream's length",
+    )
+    parser.add_argument("--hot-seconds", type=float, default=5.0, metavar="S")
+    parser.add_argument("--hot-concurrency", type=positive, default=64, metavar="N")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs (kept on failure)"
@@ -332,6 +599,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--warmup must be 0 or more")
     if args.gateway_workers < 0:
         parser.error("--gateway-workers must be 0 or more")
+    if "workers" in args.only and args.gateway_workers != 1:
+        parser.error("--only workers compares 2 gateway workers with 1: needs --gateway-workers 1")
+    if args.sse_window <= 0 or args.hot_seconds <= 0:
+        parser.error("--sse-window and --hot-seconds must be positive")
     args.rules = args.rules.resolve()
     return args
 
@@ -377,13 +648,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     if bench is None:
         return code
-    reported = code != 130 and bool(bench.results)
+    outcome = bench.outcome
+    reported = code != 130 and bool(
+        outcome.results() or outcome.streams or outcome.hot or outcome.run_ledger
+    )
     if reported:
         print_report(
             info,
             bench.config(),
-            bench.results,
-            bench.ledger,
+            outcome,
             ledger=bench.ledger_description(),
             limits=LIMITS_MODES[args.limits],
         )
@@ -398,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for failure in bench.failures:
             print(f"  {failure}", file=sys.stderr)
     if reported and args.json:
-        document = summary(info, bench.config(), bench.results, bench.ledger, bench.failures)
+        document = summary(info, bench.config(), outcome, bench.failures)
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     kept = bench.remove_work_dir(keep_logs=args.keep_logs or code != 0)

@@ -135,6 +135,24 @@ class GatewayCommand:
         return proc.stdout
 
 
+def forwarded_by_gateway(upstream_url: str) -> dict[str, int]:
+    """The bench upstream's count of the requests the gateway sent it, by path
+    (``bench/upstream.py``). Raises ``BenchError`` when it does not answer."""
+    import json
+
+    try:
+        with urllib.request.urlopen(f"{upstream_url}/_bench/forwarded", timeout=10) as resp:
+            counts = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise BenchError(f"the bench upstream did not give its counts: {exc}") from exc
+    return {str(path): int(n) for path, n in counts["gateway"].items()}
+
+
+def counted_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """``after - before``, path by path, the paths with none left out."""
+    return {p: n - before.get(p, 0) for p, n in after.items() if n - before.get(p, 0)}
+
+
 # -- PostgreSQL --------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from bench.load import (
 )
 from bench.machine import CpuWindow, cpu_model, parse_cpu_ticks, parse_process_stat
 from bench.report import (
+    Outcome,
     Result,
     cpu_table,
     header,
@@ -224,9 +225,9 @@ def test_results_and_ratios_tables() -> None:
         Result("gateway", "g", load(rps=323.4, p50=96.19, p99=152.64, requests=3236, ok=3230), {}),
     ]
     assert results_table(results) == [
-        "target             req/s    p50 ms    p99 ms   requests  non-2xx  errors",
-        "upstream           8,905      3.49      6.22      89076        0       0",
-        "gateway              323     96.19    152.64       3236        6       0",
+        "target                 req/s    p50 ms    p99 ms   requests  non-2xx  errors",
+        "upstream               8,905      3.49      6.22      89076        0       0",
+        "gateway                  323     96.19    152.64       3236        6       0",
     ]
     table = ratios({r.target: r.load for r in results})
     assert ratios_table(table) == [
@@ -241,20 +242,22 @@ def test_cpu_table_and_its_warnings() -> None:
         Result("upstream", "u", load(), {"upstream": 98.6, "postgres": 12.0, "other": 3.0}),
         Result("gateway", "g", load(), {"gateway": 100.4, "postgres": 60.0, "other": 30.0}),
     ]
-    lines = cpu_table(results)
-    assert lines[:4] == [
-        "CPU during each run, % of one CPU (machine: % of all CPUs busy)",
-        "target            upstream passthrough     gateway    postgres       redis    load gen"
+    assert cpu_table(results, "throughput") == [
+        "CPU during throughput, % of one CPU (machine: % of all CPUs busy)",
+        "target                upstream passthrough     gateway    postgres       redis    load gen"
         "       other     machine",
-        "upstream                99           -           -          12           -           -"
+        "upstream                    99           -           -          12           -           -"
         "           3           -",
-        "gateway                  -           -         100          60           -           -"
+        "gateway                      -           -         100          60           -           -"
         "          30           -",
+        "  WARNING: other processes were busy during: upstream, gateway",
     ]
-    assert lines[-2:] == [
-        "  WARNING: other processes were busy during the upstream run",
-        "  WARNING: other processes were busy during the gateway run",
-    ]
+    quiet = [Result("gateway", "g", load(), {"postgres": 60.0})]
+    assert cpu_table(quiet)[0] == "CPU during each run, % of one CPU (machine: % of all CPUs busy)"
+    assert cpu_table(quiet)[-1] == (
+        "gateway                      -           -           -          60           -           -"
+        "           -           -"
+    )
 
 
 def test_header_says_what_was_measured() -> None:
@@ -267,6 +270,7 @@ def test_header_says_what_was_measured() -> None:
         "busy_before_percent": 4.4,
     }
     config = {
+        "parts": ["throughput", "hot"],
         "generator": "wrk 4.1.0",
         "concurrency": 32,
         "threads": 2,
@@ -279,6 +283,7 @@ def test_header_says_what_was_measured() -> None:
     text = header(info, config, "embedded PostgreSQL", "every limit off")
     assert text.splitlines() == [
         "machine: 2 CPU(s), Test CPU; Linux 6.1 x86_64; Python 3.11.9, aiohttp 3.10.0",
+        "parts: throughput, hot",
         "load: wrk 4.1.0",
         "      32 connections, 2 thread(s), 10s per target after 2s warm-up; "
         "POST /v1/chat/completions (73-byte JSON body)",
@@ -291,11 +296,13 @@ def test_header_says_what_was_measured() -> None:
 
 
 def test_summary_holds_results_ratios_and_failures() -> None:
-    results = [
-        Result("upstream", "http://u", load(rps=200.0), {"upstream": 50.0}),
-        Result("gateway", "http://g", load(rps=50.0), {}),
-    ]
-    document = summary({"nproc": 2}, {"limits": "bench"}, results, None, ["gateway: 1 non-2xx"])
+    outcome = Outcome(
+        throughput=[
+            Result("upstream", "http://u", load(rps=200.0), {"upstream": 50.0}),
+            Result("gateway", "http://g", load(rps=50.0), {}),
+        ]
+    )
+    document = summary({"nproc": 2}, {"limits": "bench"}, outcome, ["gateway: 1 non-2xx"])
     assert document["results"]["upstream"] == {
         "url": "http://u",
         "generator": "wrk",
@@ -314,6 +321,9 @@ def test_summary_holds_results_ratios_and_failures() -> None:
         "gateway / upstream": {"throughput": 0.25, "p50": 1.0, "p99": 1.0}
     }
     assert document["ledger_check"] is None
+    assert document["run_ledger_check"] is None
+    assert (document["streams"], document["hot_account"], document["workers"]) == ({}, None, {})
+    assert document["verdict"] == []  # no passthrough: no ratio to judge
     assert document["failures"] == ["gateway: 1 non-2xx"]
     json.dumps(document)  # it is written as JSON
 
@@ -401,7 +411,7 @@ def test_ledger_lines_explain_the_verdict() -> None:
         refund_reasons={"Can not write request body": 2},
     )
     assert ledger_lines(check) == [
-        "ledger check (gateway run): ok",
+        "ledger check (gateway, 32 connections): ok",
         "  2xx answers received by the load generator: 100",
         "  'general' balance fell by:              103",
         "  journal: 103 commit(s), 2 refund(s), 0 expiry(ies); 0 reservation(s) held after",
@@ -527,13 +537,18 @@ def test_limits_off_removes_every_limit() -> None:
 def test_bench_rules_writes_a_copy_with_an_absolute_key_file(tmp_path: Path) -> None:
     source = tmp_path / "conf" / "rules.yaml"
     source.parent.mkdir()
-    source.write_text(yaml.safe_dump({"auth": {"public_key_file": "key.pem"}, "routes": []}))
-    assert bench_rules(source, "rules", tmp_path / "out.yaml") == source
+    limits = {"plans": {"enterprise": {"rate": "1/second"}}}
+    doc = {"auth": {"public_key_file": "key.pem"}, "routes": [], "limits": limits}
+    source.write_text(yaml.safe_dump(doc))
     written = bench_rules(source, "off", tmp_path / "out.yaml")
+    assert written == tmp_path / "out.yaml"
     assert written.read_text().startswith(f"# {source} for bench/run.py --limits off: ")
-    assert yaml.safe_load(written.read_text())["auth"] == {
-        "public_key_file": str(source.parent / "key.pem")
-    }
+    copy = yaml.safe_load(written.read_text())
+    assert copy["auth"] == {"public_key_file": str(source.parent / "key.pem")}
+    assert [r["name"] for r in copy["routes"]] == ["bench_fixed", "bench_usage"]
+    # --limits rules: the limits as they are, but still the bench's routes.
+    copy = yaml.safe_load(bench_rules(source, "rules", tmp_path / "rules.yaml").read_text())
+    assert (copy["limits"], len(copy["routes"])) == (limits, 2)
 
 
 # -- the command -------------------------------------------------------------------------
@@ -543,6 +558,9 @@ def test_options_and_their_defaults() -> None:
     args = run.parse_args([])
     assert (args.duration, args.concurrency, args.threads, args.warmup) == (10, 32, 2, 2)
     assert (args.generator, args.limits, args.gateway_workers) == ("auto", "bench", 1)
+    assert args.only == ("throughput", "latency", "sse", "hot", "workers")
+    assert (args.latency_duration, args.sse_window, args.hot_seconds) == (5, 2.0, 5.0)
+    assert args.sse_steps == (25, 50, 100, 200, 400, 800)
     assert args.rules == ROOT / "rules.yaml"
     with pytest.raises(SystemExit):
         run.parse_args(["--duration", "0"])
