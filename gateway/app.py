@@ -216,12 +216,15 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    yield
-    # Let every forwarded request settle before the connections it needs go away.
-    if state.inflight:
-        deadline = max((r.upstream.timeout_seconds for r in state.rules.routes), default=30)
-        log.info("waiting for %d in-flight request(s) to settle", len(state.inflight))
-        await asyncio.wait(list(state.inflight), timeout=deadline + 5)
+    # Spend for spike detection is counted in memory and added to Redis once a second,
+    # off the request path (an alert is at most a second late).
+    async with state.limiter.flushing_spend(state.alert):
+        yield
+        # Let every forwarded request settle before the connections it needs go away.
+        if state.inflight:
+            deadline = max((r.upstream.timeout_seconds for r in state.rules.routes), default=30)
+            log.info("waiting for %d in-flight request(s) to settle", len(state.inflight))
+            await asyncio.wait(list(state.inflight), timeout=deadline + 5)
     for task in list(state.retiring):
         task.cancel()
     await state.active.alerter.close()

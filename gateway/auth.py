@@ -413,6 +413,8 @@ def _bearer_token(authorization: str | None) -> str:
     parts = authorization.split()
     if len(parts) != 2 or parts[0].lower() != "bearer":
         raise InvalidToken("the Authorization header must be 'Bearer <token>'")
+    if not parts[1].isascii():  # a JWT is ASCII; other bytes arrive as lone surrogates
+        raise InvalidToken("malformed token: a JWT has only ASCII characters")
     return parts[1]
 
 

@@ -136,9 +136,9 @@ class Exchange:
             outcome = "shadow" if self.shadow else self.settled_as
             metrics.requests.labels(self.route.name, outcome, str(status or "")).inc()
             metrics.request_seconds.labels(self.route.name).observe(time.monotonic() - self.started)
-            # Token-rate windows count what was charged, not what was held.
-            await state.limiter.settle_tokens(self.admission, self.charged)
-            await state.limiter.release(self.admission)
+            # Token-rate windows count what was charged, not what was held; one round trip
+            # with the concurrency release.
+            await state.limiter.finish(self.admission, self.charged)
             if self.settlement is not None:
                 try:
                     await state.thresholds.after_commit(
@@ -153,7 +153,6 @@ class Exchange:
 
     async def _run(self, state: GatewayState) -> web.StreamResponse:
         upstream_started = time.monotonic()
-        upstream_seconds = state.metrics.upstream_seconds.labels(self.route.config.upstream)
         try:
             upstream = await open_upstream(
                 state.session,
@@ -164,7 +163,7 @@ class Exchange:
                 body=self.usage_request.body if self.usage_request is not None else None,
             )
         except (UpstreamError, UpstreamTimeout) as exc:
-            upstream_seconds.observe(time.monotonic() - upstream_started)
+            self._observe(state, upstream_started)
             await self._settle(state, ok=False, reason=exc.detail)
             self._log(exc.status, note=exc.code)
             return exc.response(instance=self.request.path, headers=self._gateway_headers(0))
@@ -347,9 +346,9 @@ class Exchange:
         self._log(upstream.status)
         return response
 
-    def _observe(self, state: GatewayState, upstream_started: float) -> None:
+    def _observe(self, state: GatewayState, started: float) -> None:
         state.metrics.upstream_seconds.labels(self.route.config.upstream).observe(
-            time.monotonic() - upstream_started
+            time.monotonic() - started
         )
 
     def _abort(self) -> None:

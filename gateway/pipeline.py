@@ -93,8 +93,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if outcome.status == "duplicate":
             raise await _duplicate(state, outcome.reservation_id)
     except GatewayError as exc:
-        await limiter.settle_tokens(admission, 0)
-        await limiter.release(admission)
+        await limiter.finish(admission, 0)
         exc.headers.update(admission.headers)
         raise
 

@@ -185,3 +185,18 @@ async def test_an_absolute_form_target_is_a_400(gateway: Gateway) -> None:
     assert status_line.startswith(b"HTTP/1.1 400"), raw[:300]
     assert b'"invalid_request"' in rest
     assert gateway.upstream.seen == []
+
+
+async def test_a_token_with_non_ascii_bytes_is_a_401(gateway: Gateway) -> None:
+    host, port = gateway.client.host, gateway.client.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        f"GET /v1/tokens/stats HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode()
+        + b"Authorization: Bearer \xff\xfe.abc.def\r\n\r\n"
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 401"), raw[:300]
+    assert b"only ASCII characters" in rest
