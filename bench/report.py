@@ -325,6 +325,19 @@ def verdict_table(lines_of: Sequence[Bar]) -> list[str]:
     return lines
 
 
+def cpu_per_request(result: Result) -> tuple[float, float]:
+    """Milliseconds of CPU per request answered: the target's own process (the upstream's
+    for the upstream, the proxy's alone for a proxy), and that plus PostgreSQL and Redis
+    (what metering adds; on a shared machine they also serve others). NaN when unknown."""
+    server = "gateway" if result.target.startswith("gateway") else result.target
+    rps = result.load.rps
+    if server not in result.cpu or not rps:
+        return math.nan, math.nan
+    own = 10 * result.cpu[server] / rps  # percent of a CPU / (req/s) * 1000 ms / 100
+    stores = 10 * (result.cpu.get("postgres", 0.0) + result.cpu.get("redis", 0.0)) / rps
+    return own, own + stores
+
+
 def side_by_side(outcome: Outcome) -> list[str]:
     """The three targets side by side: req/s at 32 connections, p50/p99 at 1 connection,
     streams held."""
@@ -334,6 +347,14 @@ def side_by_side(outcome: Outcome) -> list[str]:
     if loads:
         rows.append(("req/s, 32 connections", {t: f"{x.rps:,.0f}" for t, x in loads.items()}))
         rows.append(("  p99 ms, 32 connections", {t: f"{x.p99_ms:.2f}" for t, x in loads.items()}))
+        costs = {r.target: cpu_per_request(r) for r in outcome.throughput}
+        rows.append(("  CPU ms per request: server", {t: f"{c[0]:.2f}" for t, c in costs.items()}))
+        rows.append(
+            (
+                "  ... with postgres and redis",
+                {t: f"{c[1]:.2f}" for t, c in costs.items() if t.startswith("gateway")},
+            )
+        )
     lat = _by_target(outcome.latency)
     if lat:
         rows.append(("p50 ms, 1 connection", {t: f"{x.p50_ms:.2f}" for t, x in lat.items()}))
@@ -396,8 +417,8 @@ def header(info: Mapping[str, Any], config: Mapping[str, Any], ledger: str, limi
         f"parts: {', '.join(config.get('parts', ()))}\n"
         f"load: {config['generator']}\n      {config['concurrency']} connections, "
         f"{config['threads']} thread(s), {config['duration_s']}s per target after "
-        f"{config['warmup_s']}s warm-up; POST {config['path']} ({config['body_bytes']}-byte "
-        "JSON body)\n"
+        f"{config['warmup_s']}s warm-up (latency: 1 connection); POST {config['path']} "
+        f"({config['body_bytes']}-byte JSON body)\n"
         f"      all CPUs {info['busy_before_percent']:.0f}% busy in the second before the run\n"
         f"note: the load generator, the three servers and PostgreSQL share these "
         f"{info['nproc']} CPU(s);\n      absolute numbers are lower than on separate machines, "
@@ -459,10 +480,13 @@ def print_report(
     print(header(info, config, ledger, limits))
     section(side_by_side(outcome))
     section(verdict_table(bars(outcome)))
-    section(results_table(outcome.throughput), "-- throughput: 32 connections")
-    section(ratios_table(ratios(_by_target(outcome.throughput))))
-    section(results_table(outcome.latency), "-- latency: 1 connection")
-    section(results_table(outcome.workers), "-- workers: 32 connections")
+    if outcome.throughput:
+        section(results_table(outcome.throughput), "-- throughput: 32 connections")
+        section(ratios_table(ratios(_by_target(outcome.throughput))))
+    if outcome.latency:
+        section(results_table(outcome.latency), "-- latency: 1 connection")
+    if outcome.workers:
+        section(results_table(outcome.workers), "-- workers: 32 connections")
     for title, results in (
         ("throughput", outcome.throughput),
         ("latency", outcome.latency),

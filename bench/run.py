@@ -42,6 +42,7 @@ from bench.ledger_check import LedgerProbe, Snapshot, judge, judge_run
 from bench.limits import LIMITS_MODES, bench_rules
 from bench.load import Load, probe_once
 from bench.machine import CpuWindow, machine
+from bench.profile import parse_raw, start_py_spy, summary_lines
 from bench.report import Outcome, Result, print_report, summarize_log, summary
 from bench.services import ROOT, GatewayCommand, Service, free_port, wait_http
 from bench.sse import DEFAULT_STEPS, StreamStep, ladder_steps, run_streams
@@ -99,6 +100,7 @@ class Bench:
         self.gateway_env: dict[str, str] = {}
         self.gateway: GatewayCommand | None = None
         self.gateway_service: Service | None = None
+        self.profile: list[str] = []
 
     # setup
 
@@ -229,8 +231,17 @@ class Bench:
         before = (probe.settled(), self.forwarded()) if probe is not None else None
         cpu = CpuWindow()
         cpu.begin({name: self.pids[name] for name in SERVING[kind]})
+        spy = None
+        if args.profile and label == "gateway" and connections == args.concurrency:
+            spy = start_py_spy(self.pids["gateway"], max(1, seconds - 1), args.profile)
         load = self.load(url, seconds, connections)
         result = Result(label, url, load, cpu.end())
+        if spy is not None:
+            _, err = spy.communicate(timeout=60)
+            if spy.returncode != 0 or not args.profile.exists():
+                raise BenchError(f"py-spy exited {spy.returncode}: {err.decode().strip()}")
+            self.profile = summary_lines(parse_raw(args.profile.read_text()))
+            self.profile.append(f"  (py-spy's raw stacks: {args.profile})")
         print(
             f"  {label}: {load.rps:,.0f} req/s, p50 {load.p50_ms:.2f} ms, "
             f"p99 {load.p99_ms:.2f} ms; {load.requests} requests, {load.non_2xx} non-2xx, "
@@ -592,6 +603,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hot-concurrency", type=positive, default=64, metavar="N")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="py-spy the gateway during its 32-connection measurement (its numbers are then "
+        "taken under the sampler); raw stacks to FILE, a summary at the end",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the servers' logs (kept on failure)"
     )
     args = parser.parse_args(argv)
@@ -604,6 +622,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.sse_window <= 0 or args.hot_seconds <= 0:
         parser.error("--sse-window and --hot-seconds must be positive")
     args.rules = args.rules.resolve()
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
     return args
 
 
@@ -660,6 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ledger=bench.ledger_description(),
             limits=LIMITS_MODES[args.limits],
         )
+    if bench.profile:
+        print("\n-- profile\n" + "\n".join(bench.profile))
     logged = [line for line in bench.gateway_log() if line.strip()]
     if logged:
         print(f"\ngateway log: {len(logged)} line(s) at WARNING or above, by count:")

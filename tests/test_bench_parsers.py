@@ -285,8 +285,8 @@ def test_header_says_what_was_measured() -> None:
         "machine: 2 CPU(s), Test CPU; Linux 6.1 x86_64; Python 3.11.9, aiohttp 3.10.0",
         "parts: throughput, hot",
         "load: wrk 4.1.0",
-        "      32 connections, 2 thread(s), 10s per target after 2s warm-up; "
-        "POST /v1/chat/completions (73-byte JSON body)",
+        "      32 connections, 2 thread(s), 10s per target after 2s warm-up (latency: 1 "
+        "connection); POST /v1/chat/completions (73-byte JSON body)",
         "      all CPUs 4% busy in the second before the run",
         "note: the load generator, the three servers and PostgreSQL share these 2 CPU(s);",
         "      absolute numbers are lower than on separate machines, read the ratios.",

@@ -135,9 +135,14 @@ def test_stream_outcomes_combine_into_one_step() -> None:
 def outcome() -> Outcome:
     return Outcome(
         throughput=[
-            Result("upstream", "u", load(rps=4000.0), {}),
-            Result("passthrough", "p", load(rps=1000.0), {}),
-            Result("gateway", "g", load(rps=350.0, p99=80.0), {}),
+            Result("upstream", "u", load(rps=4000.0), {"upstream": 80.0}),
+            Result("passthrough", "p", load(rps=1000.0), {"passthrough": 60.0, "upstream": 30.0}),
+            Result(
+                "gateway",
+                "g",
+                load(rps=350.0, p99=80.0),
+                {"gateway": 70.0, "postgres": 35.0, "redis": 7.0},
+            ),
             Result("gateway usage", "g", load(rps=200.0), {}),
         ],
         latency=[
@@ -204,6 +209,10 @@ def test_verdict_and_side_by_side_tables() -> None:
         "            200",
         "  p99 ms, 32 connections                    20.00          20.00          80.00"
         "          20.00",
+        "  CPU ms per request: server                 0.20           0.60           2.00"
+        "            nan",
+        "  ... with postgres and redis                   -              -           3.20"
+        "            nan",
         "p50 ms, 1 connection                         0.20           0.80           1.50"
         "              -",
         "p99 ms, 1 connection                         1.00           2.00           5.00"
