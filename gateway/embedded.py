@@ -12,11 +12,9 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.errors import EmbeddedUnavailable
+
 log = logging.getLogger("gateway.embedded")
-
-
-class EmbeddedUnavailable(RuntimeError):
-    """The embedded servers are not installed (the ``embedded`` extra) or failed to start."""
 
 
 def start_postgres(data_dir: Path) -> str:

@@ -314,6 +314,14 @@ class ConfigError(Exception):
         return "\n".join(f"{self.source}: {e}" for e in self.errors)
 
 
+class CommandError(Exception):
+    """A command failed in a way the operator can fix; the message says how."""
+
+
+class EmbeddedUnavailable(RuntimeError):
+    """The embedded servers are not installed (the ``embedded`` extra) or failed to start."""
+
+
 class LedgerError(Exception):
     """A ledger operation was refused; ``reason`` is a stable word such as
     ``already_committed``, ``already_refunded``, ``expired``, ``exceeds_amount``, ``not_found``,

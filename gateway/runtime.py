@@ -33,7 +33,7 @@ from aiohttp import web
 from gateway.alerts import Alerter
 from gateway.auth import Authenticator
 from gateway.embedded import start_postgres, start_valkey
-from gateway.errors import ConfigError, LedgerUnavailable
+from gateway.errors import CommandError, ConfigError, LedgerUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.seam import refusal
 from gateway.limits.limiter import Limiter
@@ -49,10 +49,6 @@ T = TypeVar("T")
 # PostgreSQL's SQLSTATE for invalid_schema_name: a search_path naming no existing schema
 # leaves nowhere to create the ledger's tables.
 _INVALID_SCHEMA_NAME = "3F000"
-
-
-class CommandError(Exception):
-    """A command failed in a way the operator can fix; the message says how."""
 
 
 def build_active(
