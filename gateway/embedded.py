@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.errors import EmbeddedUnavailable
+from gateway.errors import EmbeddedUnavailable as EmbeddedUnavailable  # re-exported
 
 log = logging.getLogger("gateway.embedded")
 

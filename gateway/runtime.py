@@ -33,7 +33,8 @@ from aiohttp import web
 from gateway.alerts import Alerter
 from gateway.auth import Authenticator
 from gateway.embedded import start_postgres, start_valkey
-from gateway.errors import CommandError, ConfigError, LedgerUnavailable
+from gateway.errors import CommandError as CommandError  # re-exported for the commands
+from gateway.errors import ConfigError, LedgerUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.seam import refusal
 from gateway.limits.limiter import Limiter
