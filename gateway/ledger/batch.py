@@ -26,7 +26,10 @@ from gateway.errors import LedgerUnavailable
 
 log = logging.getLogger("gateway.ledger")
 
-MAX_BATCH = 256
+# Calls of one account in one transaction each leave a row version that the next call
+# walks past (none can be pruned before the commit): per-call cost grows with the batch.
+# Measured here, it is lowest around 50 calls to one account.
+MAX_BATCH = 64
 
 # Failures of the connection or the server as a whole: every call of the batch gets them.
 _WHOLE_BATCH = (
