@@ -41,7 +41,7 @@ from gateway.limits.config import (
     effective,
     parse_rate,
 )
-from gateway.limits.limiter import Limiter, SpikeAlert
+from gateway.limits.limiter import Admission, Limiter, SpikeAlert
 from gateway.limits.store import STORE_ERRORS
 from gateway.rules import Rules
 from gateway.runtime import free_port
@@ -695,3 +695,22 @@ def test_every_driver_error_is_a_store_error() -> None:
         if not issubclass(cls, STORE_ERRORS)
     ]
     assert unmapped == []
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_driver_bug_is_answered_by_on_store_error(
+    limiter: Limiter, mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object) -> None:  # as redis-py's cluster client once did
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    monkeypatch.setattr(redis.asyncio.Redis, "evalsha", broken)
+    limiter.config = LimitsConfig(on_store_error=mode)  # type: ignore[arg-type]
+    limits = only(rate=[RateLimit(limit="1/minute")])
+    if mode == "open":
+        assert await limiter.admit("acme", "alice", "general", limits, 10) == Admission()
+    else:
+        with pytest.raises(LimiterUnavailable, match="writelines"):
+            await limiter.admit("acme", "alice", "general", limits, 10)
+    assert "redis-py failed" in caplog.text
+    assert limiter.store_errors == 1
