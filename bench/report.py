@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.breakdown import Breakdown, breakdown_lines
 from bench.hot_account import HotAccount
 from bench.ledger_check import LedgerCheck, RunLedgerCheck
 from bench.load import Load
@@ -67,6 +68,7 @@ class Outcome:
     workers: list[Result] = field(default_factory=list)  # 1 worker, then 2
     ledger: LedgerCheck | None = None  # the gateway's 32-connection measurement
     run_ledger: RunLedgerCheck | None = None  # the whole run
+    breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # gateway's /metrics
 
     def results(self) -> list[Result]:
         return [*self.throughput, *self.latency, *self.workers]
@@ -456,6 +458,9 @@ def summary(
             else None
         ),
         "workers": results(outcome.workers),
+        "gateway_breakdown_ms": {
+            k: asdict(b) | {"own_ms": b.own_ms} for k, b in outcome.breakdowns.items()
+        },
         "ledger_check": asdict(outcome.ledger) if outcome.ledger is not None else None,
         "run_ledger_check": (
             asdict(outcome.run_ledger) if outcome.run_ledger is not None else None
@@ -485,6 +490,7 @@ def print_report(
         section(ratios_table(ratios(_by_target(outcome.throughput))))
     if outcome.latency:
         section(results_table(outcome.latency), "-- latency: 1 connection")
+    section(breakdown_lines(outcome.breakdowns), "-- the gateway's time per request")
     if outcome.workers:
         section(results_table(outcome.workers), "-- workers: 32 connections")
     for title, results in (

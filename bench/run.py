@@ -36,6 +36,7 @@ from typing import Any
 
 from bench import load as generators
 from bench import services
+from bench.breakdown import breakdown, read_metrics
 from bench.errors import BenchError, Interrupted
 from bench.hot_account import hot_account
 from bench.ledger_check import LedgerProbe, Snapshot, judge, judge_run
@@ -215,10 +216,13 @@ class Bench:
         connections: int,
         seconds: int,
         probe: LedgerProbe | None = None,
+        breakdown_as: str = "",
     ) -> tuple[Result, tuple[Snapshot, dict[str, int]] | None]:
         """Warm up, then measure ``url`` (served by ``kind``: upstream, passthrough or
         gateway). With ``probe``, the ledger and the upstream's count of what the gateway
-        forwarded are read in between, once the warm-up's requests have settled."""
+        forwarded are read in between, once the warm-up's requests have settled. With
+        ``breakdown_as``, the gateway's /metrics are read around the measurement and the
+        breakdown of its requests' time is kept under that name."""
         args = self.args
         if args.warmup:
             warm = self.load(url, args.warmup, connections)
@@ -229,6 +233,8 @@ class Bench:
                     f"{probe_once(url, self.token)}"
                 )
         before = (probe.settled(), self.forwarded()) if probe is not None else None
+        base = url.split("/v1/", 1)[0]
+        metrics_before = read_metrics(base) if breakdown_as else None
         cpu = CpuWindow()
         cpu.begin({name: self.pids[name] for name in SERVING[kind]})
         spy = None
@@ -236,6 +242,8 @@ class Bench:
             spy = start_py_spy(self.pids["gateway"], max(1, seconds - 1), args.profile)
         load = self.load(url, seconds, connections)
         result = Result(label, url, load, cpu.end())
+        if metrics_before is not None:
+            self.outcome.breakdowns[breakdown_as] = breakdown(metrics_before, read_metrics(base))
         if spy is not None:
             _, err = spy.communicate(timeout=60)
             if spy.returncode != 0 or not args.profile.exists():
@@ -275,6 +283,9 @@ class Bench:
                 connections=args.concurrency,
                 seconds=args.duration,
                 probe=probe if checked else None,
+                breakdown_as={"gateway": f"c={args.concurrency}", "gateway usage": "usage"}.get(
+                    label, ""
+                ),
             )
             self.outcome.throughput.append(result)
             if before is not None:
@@ -300,7 +311,12 @@ class Bench:
             url = urls[kind] + PATH
             print(f"\n== latency, {kind}: POST {url}, 1 connection")
             result, _ = self.measure(
-                kind, kind, url, connections=1, seconds=self.args.latency_duration
+                kind,
+                kind,
+                url,
+                connections=1,
+                seconds=self.args.latency_duration,
+                breakdown_as="c=1" if kind == "gateway" else "",
             )
             self.outcome.latency.append(result)
 

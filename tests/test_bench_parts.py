@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bench import run, upstream
+from bench.breakdown import breakdown, breakdown_lines, parse_metrics
 from bench.errors import BenchError
 from bench.hot_account import HotAccount
 from bench.ledger_check import JournalSummary, Snapshot, judge_run
@@ -362,3 +363,58 @@ async def test_the_upstream_streams_n_events_then_usage_and_done(
     assert [c["usage"] for c in chunks[:4]] == [None] * 4
     assert (chunks[4]["choices"], chunks[4]["usage"]["total_tokens"]) == ([], 52)
     assert len(chunks) == 5
+
+
+# -- the gateway's time per request ------------------------------------------------------
+
+METRICS_BEFORE = """\
+# HELP gateway_request_duration_seconds Whole metered request, until settled
+# TYPE gateway_request_duration_seconds histogram
+gateway_request_duration_seconds_bucket{le="0.005",route="bench_fixed"} 1.0
+gateway_request_duration_seconds_count{route="bench_fixed"} 10.0
+gateway_request_duration_seconds_sum{route="bench_fixed"} 0.1
+gateway_ledger_duration_seconds_count{operation="reserve"} 10.0
+gateway_ledger_duration_seconds_sum{operation="reserve"} 0.02
+gateway_redis_duration_seconds_sum 0.01
+"""
+METRICS_AFTER = """\
+gateway_request_duration_seconds_count{route="bench_fixed"} 110.0
+gateway_request_duration_seconds_sum{route="bench_fixed"} 1.1
+gateway_request_duration_seconds_count{route="bench_usage"} 100.0
+gateway_request_duration_seconds_sum{route="bench_usage"} 1.0
+gateway_ledger_duration_seconds_sum{operation="reserve"} 0.22
+gateway_ledger_duration_seconds_sum{operation="commit"} 0.3
+gateway_ledger_duration_seconds_sum{operation="refund"} 5.0
+gateway_redis_duration_seconds_sum 0.11
+gateway_upstream_duration_seconds_sum{upstream="ai_backend"} 0.8
+"""
+
+
+def test_the_gateways_histograms_break_a_request_down() -> None:
+    assert (
+        parse_metrics(METRICS_BEFORE)[
+            ("gateway_request_duration_seconds_count", 'route="bench_fixed"')
+        ]
+        == 10.0
+    )
+    found = breakdown(parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER))
+    assert found.requests == 200
+    assert found.whole_ms == pytest.approx(10.0)
+    assert found.phases == pytest.approx(
+        {"limits (Redis)": 0.5, "ledger reserve": 1.0, "upstream exchange": 4.0,
+         "ledger commit": 1.5}
+    )  # fmt: skip
+    assert found.own_ms == pytest.approx(3.0)
+    assert math.isnan(breakdown({}, {}).whole_ms)
+    assert breakdown_lines({"c=1": found}) == [
+        "where a gateway request's time goes: mean ms per request, from its /metrics",
+        "phase                                          c=1",
+        "limits (Redis)                                0.50",
+        "ledger reserve                                1.00",
+        "upstream exchange                             4.00",
+        "ledger commit                                 1.50",
+        "own work and waits for a CPU                  3.00",
+        "whole request, until settled                 10.00",
+        "requests observed                              200",
+    ]
+    assert breakdown_lines({}) == []
