@@ -436,8 +436,10 @@ async def test_three_gateways_share_one_limit_and_one_balance(
 
         async def one(i: int) -> int:
             port = ports[i % 3]
+            # The patient upstream (20 s timeout): a loaded machine must not turn a slow
+            # answer into a refunded 504 and so change the count.
             async with http.post(
-                f"http://127.0.0.1:{port}/v1/chat/x", json=CHAT, headers=headers
+                f"http://127.0.0.1:{port}/v1/chat/stream", json=CHAT, headers=headers
             ) as resp:
                 await resp.read()
                 return resp.status
