@@ -4,7 +4,7 @@ Limits are set at three levels, the most specific winning kind by kind: a route'
 ``limits``, then ``limits.plans.<plan>``, then ``limits.default``. A kind set to ``null`` (or
 ``rate: []``, ``tokens: []``) at a level switches it off there. With no ``limits`` section
 at all, the defaults below apply: 30 requests a minute per user and 3 seconds between two
-requests of one user to one feature, and no cap on tokens.
+requests of one user to one token type, and no cap on tokens.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class TokenRate(_PerWindow):
 
 
 class MinInterval(_Strict):
-    """The shortest time between two requests to one feature (token type)."""
+    """The shortest time between two requests to one token type."""
 
     seconds: Annotated[float, Field(gt=0)]
     per: Per = "user"

@@ -7,7 +7,7 @@ slot: a script may only touch keys of one slot, and ``admit.lua`` touches all of
     {org}:rate:<subject>:<window>:<count>  sorted set: admitted hits (sliding log)
     {org}:tokens:<subject>:<window>:<cap>  sorted set: token entries by time (sliding log),
       and ...:<cap>:amounts                hash: each entry's tokens, and their "total"
-    {org}:gap:<subject>:<token_type>       last admitted request to one feature
+    {org}:gap:<subject>:<token_type>       last admitted request to one token type
     {org}:inflight:<subject>               sorted set: concurrency leases by expiry
     {org}:refusals:<subject>               sorted set: recent refusals of a principal
     {org}:block:<subject>                  a block; its value is when it ends
