@@ -81,7 +81,7 @@ class Keys:
 
     def check_slots(self) -> None:
         """Raise ``ConfigError`` unless the keys of one organization share one cluster slot
-        (whatever the organization, user and feature are called) and organizations spread
+        (whatever the organization, user and token type are called) and organizations spread
         over slots. A prefix with braces would break either."""
         samples = [("acme", "alice", "general"), ("a{b}:c", "}{", "x:{y}"), ("%7B", ":", "")]
         errors = []
