@@ -268,6 +268,8 @@ async def test_a_refunded_pack_loses_what_is_left_of_its_tokens(
     payment = await db.fetchrow("SELECT * FROM stripe_payments WHERE payment_intent = 'pi_1'")
     assert payment is not None
     assert (payment["charge"], payment["clawed_back"], payment["unbilled"]) == ("ch_1", 70, 30)
+    owed = await ledger.unbilled("acme")
+    assert [(r["payment_intent"], r["unbilled"]) for r in owed["stripe"]] == [("pi_1", 30)]
 
 
 async def test_a_dispute_then_a_refund_takes_the_pack_back_once(

@@ -203,6 +203,18 @@ async def test_usage_beyond_the_balance_is_unbilled_never_below_zero(gateway: Ga
     metrics = await (await gateway.client.get("/metrics")).text()
     assert 'gateway_tokens_total{movement="unbilled",token_type="general"} 25.0' in metrics
     assert await gateway.available("acme", "general") == 100  # nobody else paid
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    owed = await (
+        await gateway.client.get("/v1/admin/organizations/tiny/unbilled", headers=admin)
+    ).json()
+    assert owed["totals"] == {"general": 25} and owed["stripe"] == []
+    [row] = owed["usage"]
+    assert (row["reservation_id"], row["held"], row["charged"], row["unbilled"]) == (
+        resp.headers["X-Reservation-Id"],
+        10,
+        15,
+        25,
+    )
 
 
 async def test_missing_usage_charges_the_hold_or_refunds_as_configured(gateway: Gateway) -> None:

@@ -164,6 +164,48 @@ async def set_team(request: web.Request) -> web.Response:
     return web.json_response({"team": request.match_info["team"], "users": users})
 
 
+async def unbilled(request: web.Request) -> web.Response:
+    """What the organization used but was never charged for, for an operator to settle:
+    packs refunded or disputed after being spent, and usage beyond the balance."""
+    state = request.config_dict[STATE]
+    org = request.match_info["org"]
+    if await state.ledger.organization(org) is None:
+        raise NotFound(f"organization '{org}' does not exist")
+    found = await state.ledger.unbilled(org)
+    stripe = [
+        {
+            "payment_intent": r["payment_intent"],
+            "charge": r["charge"],
+            "token_type": r["token_type"],
+            "pack_tokens": r["tokens"],
+            "paid": r["paid"],
+            "refunded": r["refunded"],
+            "disputed": r["disputed"],
+            "unbilled": r["unbilled"],
+        }
+        for r in found["stripe"]
+    ]
+    usage = [
+        {
+            "reservation_id": str(r["id"]),
+            "token_type": r["token_type"],
+            "route": r["route"],
+            "user": r["user_id"],
+            "held": r["amount"],
+            "charged": r["charged"],
+            "unbilled": r["unbilled"],
+            "settled_at": r["settled_at"].isoformat() if r["settled_at"] else None,
+        }
+        for r in found["usage"]
+    ]
+    totals: dict[str, int] = {}
+    for row in (*stripe, *usage):
+        totals[str(row["token_type"])] = totals.get(str(row["token_type"]), 0) + int(
+            row["unbilled"]
+        )
+    return web.json_response({"totals": totals, "stripe": stripe, "usage": usage})
+
+
 async def held_reservations(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     org = request.match_info["org"]
@@ -277,6 +319,7 @@ def admin_app() -> web.Application:
     r.add_put("/organizations/{org}/quotas", set_quota)
     r.add_put("/organizations/{org}/teams/{team}", set_team)
     r.add_get("/organizations/{org}/reservations", held_reservations)
+    r.add_get("/organizations/{org}/unbilled", unbilled)
     r.add_get("/organizations/{org}/journal", journal)
     r.add_post("/reservations/{id}/refund-charge", refund_charge)
     r.add_get("/rules", rules_in_force)

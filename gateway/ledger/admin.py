@@ -212,6 +212,26 @@ class LedgerAdmin(LedgerSeam):
                 str(status), f"reservation {reservation_id}: {status.replace('_', ' ')}"
             )
 
+    async def unbilled(self, org: str, *, limit: int = 500) -> dict[str, list[dict[str, Any]]]:
+        """What ``org`` used but could not be charged, newest first: Stripe packs refunded
+        or disputed after their tokens were spent (``stripe``), and usage above a hold
+        that the balance could not cover (``usage``)."""
+        stripe = await self._fetch(
+            "SELECT payment_intent, charge, token_type, tokens, refunded, disputed, paid,"
+            " unbilled FROM stripe_payments WHERE org_id = $1 AND unbilled > 0"
+            " ORDER BY payment_intent LIMIT $2",
+            org,
+            limit,
+        )
+        usage = await self._fetch(
+            "SELECT id, token_type, route, user_id, amount, charged, unbilled, settled_at"
+            " FROM reservations WHERE org_id = $1 AND unbilled > 0"
+            " ORDER BY settled_at DESC LIMIT $2",
+            org,
+            limit,
+        )
+        return {"stripe": [dict(r) for r in stripe], "usage": [dict(r) for r in usage]}
+
     async def record_admin(self, org: str, actor: str, action: str, detail: dict[str, Any]) -> None:
         await self._fetch(
             "INSERT INTO admin_actions (at, org_id, actor, action, detail)"
