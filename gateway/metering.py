@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest
 from gateway.rules import Usage, UsageConfig, hold_for
 
 MAX_SSE_LINE = 1024 * 1024  # a usage event is small; a longer line is relayed, not parsed
@@ -32,15 +32,11 @@ class UsageRequest:
 
 
 def inspect_request(config: UsageConfig, body: bytes, content_encoding: str) -> UsageRequest:
-    """Read the request's model, output limit and stream flag; compute its hold. For an
+    """Read the request's model, output limit and stream flag (the body was read within
+    ``max_request_bytes`` by the pipeline); compute its hold. For an
     OpenAI stream, ``stream_options.include_usage`` is set to true (whatever the client
     sent: a stream without its usage could not be charged by it). Raises
     ``InvalidRequest`` for a body that is not a JSON object."""
-    if len(body) > config.max_request_bytes:
-        raise PayloadTooLarge(
-            f"this route is priced by usage and its request body is read to find the model; "
-            f"bodies over {config.max_request_bytes} bytes are refused"
-        )
     if content_encoding not in ("", "identity"):
         raise InvalidRequest(
             "this route is priced by usage; send its request body uncompressed "

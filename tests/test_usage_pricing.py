@@ -355,6 +355,10 @@ async def test_the_hold_is_estimated_from_the_body_and_bounded(gateway: Gateway)
     assert (held["amount"], held["charged"]) == (-(-len(body) // 4) + 50, 4)
 
     seen = len(gateway.upstream.seen)
+    huge = await gateway.client.post(
+        "/v1/metered/estimate", json=chat(max_tokens=10**30), headers=bearer()
+    )
+    assert (huge.status, (await huge.json())["code"]) == (402, "insufficient_tokens")
     big = json.dumps(chat(messages=[{"role": "user", "content": "x" * 3000}])).encode()
     resp = await gateway.client.post("/v1/metered/estimate", data=big, headers=bearer())
     problem = await resp.json()

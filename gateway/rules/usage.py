@@ -14,6 +14,8 @@ from typing import Any
 
 from gateway.rules.schema import UsageConfig, UsageRates
 
+MAX_HOLD = 2**63 - 1  # the ledger's bigint
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -80,7 +82,9 @@ def hold_for(config: UsageConfig, body: dict[str, Any], body_bytes: int) -> int:
         output=max_output_tokens(body, config),
         model=model if isinstance(model, str) else None,
     )
-    return max(1, charge(config, estimate))
+    # A client may name any max_tokens: past what the ledger can count, the hold is simply
+    # more than any balance (402), never an amount the ledger cannot store.
+    return min(max(1, charge(config, estimate)), MAX_HOLD)
 
 
 def nominal_hold(config: UsageConfig) -> int:
