@@ -51,7 +51,9 @@ def inspect_request(config: UsageConfig, body: bytes, content_encoding: str) -> 
     if not isinstance(parsed, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = parsed.get("model")
-    stream = parsed.get("stream") is True
+    # Any truthy "stream" counts: a lenient backend may stream for "stream": 1 too, and a
+    # stream whose usage was never asked for could go uncharged.
+    stream = bool(parsed.get("stream"))
     if stream and config.format == "openai":
         options = parsed.get("stream_options")
         if not isinstance(options, dict) or options.get("include_usage") is not True:

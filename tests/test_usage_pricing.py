@@ -266,6 +266,18 @@ async def test_a_stream_asks_for_usage_relays_every_byte_and_ends_with_its_charg
     assert (held["state"], held["charged"]) == ("committed", 10)
 
 
+async def test_a_truthy_stream_flag_still_asks_for_usage(gateway: Gateway) -> None:
+    resp = await gateway.client.post(
+        "/v1/metered/refund?behave=usage&prompt=4&completion=3",
+        json=chat(stream=1),
+        headers=bearer(),
+    )
+    body = await resp.read()
+    assert json.loads(gateway.upstream.seen[-1].body)["stream_options"] == {"include_usage": True}
+    assert body.endswith(b": tokens-charged=7\n\n")  # not refunded as "no usage reported"
+    assert await gateway.available("acme", "general") == 93
+
+
 async def test_a_stream_cut_before_its_usage_is_refunded(gateway: Gateway) -> None:
     resp = await gateway.client.post(
         "/v1/metered/chat?behave=usage&prompt=4&completion=3&cut",
