@@ -52,6 +52,7 @@ GATEWAY_REQUEST_HEADERS = frozenset(
 GATEWAY_RESPONSE_HEADERS = frozenset(
     {
         "x-tokens-charged",
+        "x-tokens-held",
         "x-tokens-remaining",
         "x-tokens-warning",
         "x-reservation-id",

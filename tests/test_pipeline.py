@@ -308,6 +308,7 @@ async def test_headers_to_the_upstream(gateway: Gateway) -> None:
     assert h["X-Custom"] == "kept" and h["Content-Type"] == "application/json"
     # The upstream cannot forge what the gateway reports to the client.
     assert resp.headers["X-Tokens-Charged"] == "1"
+    assert "X-Tokens-Held" not in resp.headers
     assert resp.headers["X-Upstream"] == "test"
 
 

@@ -96,7 +96,7 @@ class Upstream:
             status=status,
             body=json.dumps(payload).encode(),
             content_type="application/json",
-            headers={"X-Upstream": "test", "X-Tokens-Charged": "999"},
+            headers={"X-Upstream": "test", "X-Tokens-Charged": "999", "X-Tokens-Held": "999"},
         )
         self.finished.append(request.path)
         return response
