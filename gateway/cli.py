@@ -19,7 +19,7 @@ from gateway.demo import run_demo
 from gateway.embedded import EmbeddedUnavailable
 from gateway.errors import ConfigError, LedgerError, LedgerUnavailable
 from gateway.explain import explain, render
-from gateway.ledger import Ledger
+from gateway.ledger import Ledger, archive
 from gateway.limits.config import Effective, effective
 from gateway.logs import configure as configure_logs
 from gateway.proxy import new_session
@@ -192,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd(sub, "audit", help="check the ledger's invariants; exit 1 naming each violation")
     cmd(sub, "sweep", help="expire overdue reservations and refresh ended periods once")
+    p = cmd(
+        sub,
+        "archive",
+        help="checkpoint the balances, then export and detach old months of the journal",
+        description=archive.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    archive.add_arguments(p)
     return parser
 
 
@@ -250,6 +258,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings, rules_path: Path) ->
         "team": lambda ledger: _team(ledger, args),
         "audit": _audit,
         "sweep": _sweep,
+        "archive": lambda ledger: archive.command(ledger, args),
     }
 
     async def run() -> int:
