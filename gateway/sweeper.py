@@ -33,12 +33,14 @@ from prometheus_client import Gauge
 
 from gateway.errors import ConfigError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.archive import JournalArchive
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.sweeper")
 
 Mode = Literal["leader", "shared"]
 MODE_ENV = "GATEWAY_SWEEPER"
+PARTITIONS_EVERY_SECONDS = 3600.0
 # Names the transaction pooler between the gateway and PostgreSQL, if any (see Settings).
 POOLER_ENV = "GATEWAY_DB_POOLER"
 
@@ -134,6 +136,7 @@ class Sweeper:
     ) -> None:
         self.mode = mode
         self._ledger = ledger
+        self._partitions_due = 0.0  # loop time of the next partitions-ahead check
         self._metrics = metrics
         self._interval = interval
         self._open = open_session or session_opener(ledger)
@@ -199,6 +202,22 @@ class Sweeper:
             )
         if refreshed:
             log.info("started a new period for %d account(s)", refreshed)
+        await self._partitions_ahead()
+
+    async def _partitions_ahead(self) -> None:
+        """Once an hour, the journal's monthly partitions for the months ahead (the default
+        partition takes any row meanwhile, so a missed hour loses nothing)."""
+        now = asyncio.get_running_loop().time()
+        if now < self._partitions_due:
+            return
+        try:
+            created = await JournalArchive.of(self._ledger).ensure_partitions()
+        except LedgerUnavailable as exc:
+            log.info("could not create the journal's partitions ahead now: %s", exc.detail)
+            return
+        self._partitions_due = now + PARTITIONS_EVERY_SECONDS
+        if created:
+            log.info("created %d monthly partition(s) of the journal ahead", created)
 
     async def _elect(self) -> None:
         if self.mode == "shared":

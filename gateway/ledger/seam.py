@@ -24,6 +24,8 @@ from gateway.ledger.records import Clock, utcnow
 
 log = logging.getLogger("gateway.ledger")
 
+MIGRATION_TIMEOUT = 6 * 3600.0  # seconds
+
 # Errors that mean "the ledger cannot answer now", as opposed to a refusal.
 _UNAVAILABLE = (
     OSError,
@@ -265,7 +267,9 @@ class LedgerSeam:
                 }
                 for name, text in migrations:
                     if name not in done:
-                        await conn.execute(text)
+                        # A migration may rewrite a large table (012 partitions the
+                        # journal): not bounded by the request path's statement timeout.
+                        await conn.execute(text, timeout=MIGRATION_TIMEOUT)
                         await conn.execute(
                             "INSERT INTO schema_migrations (version) VALUES ($1)", name
                         )
