@@ -9,7 +9,7 @@ import uuid
 
 from aiohttp import web
 
-from gateway.api.tokens import admit, available, feature, metadata_of, settled
+from gateway.api.tokens import api_hold, available, feature, settled
 from gateway.errors import (
     InvalidCharge,
     InvalidRequest,
@@ -17,7 +17,6 @@ from gateway.errors import (
     NoReservation,
     ReservationSettled,
 )
-from gateway.gate import fingerprint, idempotency_key, reserve
 from gateway.middleware import authenticate, json_body, request_id, whole_tokens
 from gateway.state import STATE
 
@@ -34,23 +33,7 @@ async def create_reservation(request: web.Request) -> web.Response:
     ttl = body.get("ttl_seconds", 300)
     if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL_SECONDS:
         raise InvalidRequest(f"'ttl_seconds' must be a number from 1 to {MAX_TTL_SECONDS}")
-    metadata = metadata_of(body)
-    key = idempotency_key(request)
-    await admit(state, principal, route, float(ttl))
-    outcome = await reserve(
-        state.ledger,
-        state.rules.document,
-        route,
-        principal,
-        request_id(request),
-        source="api",
-        ttl_seconds=float(ttl),
-        idempotency_key=key,
-        idempotency_fingerprint=fingerprint(
-            principal, "reserve", route, ttl=ttl, metadata=metadata
-        ),
-        metadata=metadata,
-    )
+    outcome = await api_hold(state, request, principal, route, body, "reserve", ttl)
     assert outcome.reservation_id is not None
     reservation = await state.ledger.reservation(outcome.reservation_id)
     assert reservation is not None

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, LedgerError, LimiterUnavailable, ReservationSettled
 from gateway.gate import fingerprint, idempotency_key, judge, reserve
-from gateway.ledger import Settlement
+from gateway.ledger import ReserveOutcome, Settlement
 from gateway.limits.limiter import Admission
 from gateway.middleware import ROUTE_NAME, authenticate, json_body, request_id
 from gateway.rules import Route
@@ -38,6 +38,36 @@ def metadata_of(body: dict[str, Any]) -> dict[str, Any] | None:
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be a JSON object")
     return metadata
+
+
+async def api_hold(
+    state: GatewayState,
+    request: web.Request,
+    principal: Principal,
+    route: Route,
+    body: dict[str, Any],
+    action: str,
+    ttl: float | None = None,
+) -> ReserveOutcome:
+    """The hold of a deduct or a two-phase reservation: the route's limits, then the gate's
+    reserve, made by the API (only the API settles it) and bound to the request's
+    Idempotency-Key by what it asks for (``action``, ``ttl``, its metadata)."""
+    metadata = metadata_of(body)
+    await admit(state, principal, route, route.upstream.timeout_seconds if ttl is None else ttl)
+    return await reserve(
+        state.ledger,
+        state.rules.document,
+        route,
+        principal,
+        request_id(request),
+        source="api",
+        ttl_seconds=None if ttl is None else float(ttl),
+        idempotency_key=idempotency_key(request),
+        idempotency_fingerprint=fingerprint(
+            principal, action, route, metadata=metadata, **({} if ttl is None else {"ttl": ttl})
+        ),
+        metadata=metadata,
+    )
 
 
 async def admit(state: GatewayState, principal: Principal, route: Route, ttl: float) -> Admission:
@@ -69,20 +99,7 @@ async def check_balance(request: web.Request) -> web.Response:
         return web.json_response(await check(state, principal, route))
     if action != "deduct":
         raise InvalidRequest("'action' must be 'check' or 'deduct'")
-    metadata = metadata_of(body)
-    key = idempotency_key(request)
-    await admit(state, principal, route, route.upstream.timeout_seconds)
-    outcome = await reserve(
-        state.ledger,
-        state.rules.document,
-        route,
-        principal,
-        request_id(request),
-        source="api",
-        idempotency_key=key,
-        idempotency_fingerprint=fingerprint(principal, "deduct", route, metadata=metadata),
-        metadata=metadata,
-    )
+    outcome = await api_hold(state, request, principal, route, body, "deduct")
     assert outcome.reservation_id is not None
     replay = outcome.status == "duplicate"
     try:
