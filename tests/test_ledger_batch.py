@@ -133,25 +133,28 @@ async def test_a_lone_call_is_not_delayed_into_a_batch(ledger: Ledger, concurren
     assert ledger.batches.batches == before  # each went alone, at once
 
 
-async def test_a_settlement_does_not_wait_for_its_flush_and_a_reserve_does(
+async def test_a_refund_does_not_wait_for_its_flush_and_a_commit_does(
     ledger: Ledger, database_url: str, schema: str
 ) -> None:
-    """Losing a settlement in a crash leaves its reservation held, refunded at its expiry:
-    in the customer's favour, so settlements commit asynchronously; holds never do."""
+    """A refund lost in a crash leaves its reservation held, refunded again at its expiry,
+    so refunds commit asynchronously; a commit pays for a delivered answer, so it waits."""
     await ledger.create_org("hot", "pro")
-    held = await ledger.reserve("hot", "general", 3, ttl_seconds=60)
+    paid = await ledger.reserve("hot", "general", 3, ttl_seconds=60)
+    failed = await ledger.reserve("hot", "general", 4, ttl_seconds=60)
     conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    settle = "SELECT * FROM gw_settle($1, $2, NULL, now(), 'test', NULL, NULL, NULL)"
     try:
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
-        async with conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM gw_settle($1, 'commit', NULL, now(), 'test', NULL, NULL, NULL)",
-                held.reservation_id,
-            )
-            assert row is not None and row["status"] == "ok"
-            assert await conn.fetchval("SHOW synchronous_commit") == "off"
-        assert await conn.fetchval("SHOW synchronous_commit") == "on"  # that transaction only
+        for reservation, outcome, flushed in (
+            (paid.reservation_id, "commit", "on"),
+            (failed.reservation_id, "refund", "off"),
+        ):
+            async with conn.transaction():
+                row = await conn.fetchrow(settle, reservation, outcome)
+                assert row is not None and row["status"] == "ok"
+                assert await conn.fetchval("SHOW synchronous_commit") == flushed
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"  # that one only
     finally:
         await conn.close()
     accounts = {a.token_type: a for a in await ledger.balances("hot")}
-    assert accounts["general"].available == 97
+    assert (accounts["general"].available, accounts["general"].reserved) == (97, 0)

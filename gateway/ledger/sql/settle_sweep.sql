@@ -34,12 +34,13 @@ DECLARE
     v_take_p bigint := 0;
     v_unbilled bigint := 0;
 BEGIN
-    -- A settlement commits without waiting for its WAL flush: one lost in a crash leaves
-    -- its reservation held, and the sweeper then refunds it at its expiry, so a lost
-    -- settlement can only ever be in the customer's favour (never a charge twice, never a
-    -- refund lost). The account's lock is not held through the flush. A later reserve
-    -- commits synchronously, which flushes every settlement before it.
-    PERFORM set_config('synchronous_commit', 'off', true);
+    -- A refund or an expiry commits without waiting for its WAL flush: one lost in a crash
+    -- leaves its reservation held, and the sweeper refunds it again at its expiry. A
+    -- commit waits: the answer it pays for is only completed once the charge is durable,
+    -- so a crash never leaves a delivered answer unpaid.
+    IF p_outcome <> 'commit' THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     SELECT * INTO v_res FROM reservations r
         WHERE r.id = p_id AND (p_org IS NULL OR r.org_id = p_org)
           AND (p_source IS NULL OR r.source = p_source)
