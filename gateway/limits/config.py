@@ -19,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationInfo,
     field_validator,
 )
@@ -60,7 +59,6 @@ class _PerWindow(_Strict):
 
     limit: str
     per: Per = "user"
-    _parsed: tuple[int, int] = PrivateAttr()
 
     @field_validator("limit")
     @classmethod
@@ -68,20 +66,19 @@ class _PerWindow(_Strict):
         parse_rate(value)
         return value
 
-    def model_post_init(self, context: object, /) -> None:
-        self._parsed = parse_rate(self.limit)
-
-    @property
+    # Read on every request: cached in the instance's own dict (a private attribute would
+    # go through pydantic's __getattr__ each time).
+    @cached_property
     def count(self) -> int:
-        return self._parsed[0]
+        return parse_rate(self.limit)[0]
 
-    @property
+    @cached_property
     def window_seconds(self) -> int:
-        return self._parsed[1]
+        return parse_rate(self.limit)[1]
 
-    @property
+    @cached_property
     def window_ms(self) -> int:
-        return self._parsed[1] * 1000
+        return self.window_seconds * 1000
 
 
 class RateLimit(_PerWindow):
