@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import build_app
+from gateway.errors import contract
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import parse_rules
@@ -374,3 +375,10 @@ def test_no_python_file_over_500_lines() -> None:
         if (n := len(p.read_text().splitlines())) > 500
     }
     assert long == {}
+
+
+def test_every_error_code_is_in_the_readme() -> None:
+    """The README's error table is the contract clients read: every code in it."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = sorted(code for code in contract() if f"`{code}`" not in readme)
+    assert missing == []
