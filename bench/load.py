@@ -217,18 +217,25 @@ def _load_process(
         results.put({"failed": f"{type(exc).__name__}: {exc}"})
 
 
-def combine(outcomes: Sequence[dict[str, Any]]) -> Load:
-    """One ``Load`` from the workers' outcomes (latencies in seconds, statuses, errors,
-    monotonic start and finish). Raises ``BenchError`` if any worker failed."""
+def tally(outcomes: Sequence[dict[str, Any]], who: str) -> tuple[Counter[int], Counter[str]]:
+    """The statuses and errors of several worker processes, added up. Raises
+    ``BenchError`` naming ``who`` if any worker failed."""
     failed = [o["failed"] for o in outcomes if "failed" in o]
     if failed:
-        raise BenchError(f"the python load generator failed: {'; '.join(failed)}")
-    latencies = sorted(x for o in outcomes for x in o["latencies"])
+        raise BenchError(f"{who} failed: {'; '.join(failed)}")
     statuses: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     for o in outcomes:
         statuses.update(o["statuses"])
         errors.update(o["errors"])
+    return statuses, errors
+
+
+def combine(outcomes: Sequence[dict[str, Any]]) -> Load:
+    """One ``Load`` from the workers' outcomes (latencies in seconds, statuses, errors,
+    monotonic start and finish). Raises ``BenchError`` if any worker failed."""
+    statuses, errors = tally(outcomes, "the python load generator")
+    latencies = sorted(x for o in outcomes for x in o["latencies"])
     elapsed = max(o["finished"] for o in outcomes) - min(o["started"] for o in outcomes)
     ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
     return Load(

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.errors import BenchError
-from bench.load import percentile, split_connections
+from bench.load import percentile, split_connections, tally
 
 TTFB_LIMIT_MS = 50.0
 DEFAULT_STEPS = (25, 50, 100, 200, 400, 800)
@@ -174,15 +173,8 @@ def _stream_process(
 def combine_streams(target: str, streams: int, outcomes: Sequence[dict[str, Any]]) -> StreamStep:
     """One ``StreamStep`` from the processes' outcomes (TTFBs in seconds, statuses, errors,
     incomplete streams). Raises ``BenchError`` if any process failed."""
-    failed = [o["failed"] for o in outcomes if "failed" in o]
-    if failed:
-        raise BenchError(f"the stream clients failed: {'; '.join(failed)}")
+    statuses, errors = tally(outcomes, "the stream clients")
     ttfbs = sorted(x for o in outcomes for x in o["ttfbs"])
-    statuses: Counter[int] = Counter()
-    errors: Counter[str] = Counter()
-    for o in outcomes:
-        statuses.update(o["statuses"])
-        errors.update(o["errors"])
     ok = sum(n for status, n in statuses.items() if 200 <= int(status) < 300)
     return StreamStep(
         target=target,
