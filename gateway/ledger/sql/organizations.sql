@@ -1,11 +1,19 @@
 -- Organizations: creation, plan, grants, balances, license, quotas and teams.
 -- Re-applied (CREATE OR REPLACE) by every migrate, after periods.sql (see FUNCTION_FILES).
 
+-- Open (or refresh) an organization's account of every token type its plan allows, in
+-- token-type order (the order every function locks accounts in).
+CREATE OR REPLACE FUNCTION gw_open_plan_accounts(p_org text, p_plan text, p_now timestamptz)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM gw_touch_account(p_org, pa.token_type, p_now)
+        FROM plan_allowances pa WHERE pa.plan = p_plan ORDER BY pa.token_type;
+END
+$$;
+
 -- Create an organization on a plan. status: ok | exists | unknown_plan
 CREATE OR REPLACE FUNCTION gw_create_org(p_org text, p_plan text, p_now timestamptz)
 RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    v_tt text;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM plans WHERE name = p_plan) THEN
         RETURN 'unknown_plan';
@@ -15,10 +23,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'exists';
     END IF;
-    FOR v_tt IN SELECT token_type FROM plan_allowances WHERE plan = p_plan ORDER BY token_type
-    LOOP
-        PERFORM gw_touch_account(p_org, v_tt, p_now);
-    END LOOP;
+    PERFORM gw_open_plan_accounts(p_org, p_plan, p_now);
     RETURN 'ok';
 END
 $$;
@@ -67,10 +72,7 @@ BEGIN
             WHERE org_id = p_org AND token_type = v_tt;
     END LOOP;
     UPDATE organizations SET plan = p_plan WHERE id = p_org;
-    FOR v_tt IN SELECT token_type FROM plan_allowances WHERE plan = p_plan ORDER BY token_type
-    LOOP
-        PERFORM gw_touch_account(p_org, v_tt, p_now);
-    END LOOP;
+    PERFORM gw_open_plan_accounts(p_org, p_plan, p_now);
     RETURN 'ok';
 END
 $$;
