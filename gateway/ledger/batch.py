@@ -1,15 +1,20 @@
 """Group commit: concurrent reserves (and settlements) share one round trip and one
 transaction.
 
-A call made while a batch is in flight waits for the next batch, which takes every call
-that arrived meanwhile; a call made when nothing is in flight goes at once, alone. Each
-call still runs its own server-side function (``gw_reserve``, ``gw_settle``) with its own
-rows and its own answer, and nobody's future resolves before the batch's transaction has
-committed: a reservation is durable before anything is forwarded. The batch's account
-locks are taken in one order (reserves sorted by account), and one batch runs at a time
-per process, so batches of one process never deadlock each other; a batch the server
-refuses as a whole (a deadlock with another process, one call's own error) is run again
-call by call, so one call's failure is never another's.
+A call made while a batch of its kind is in flight waits for the next one, which takes
+every call of that kind that arrived meanwhile; a call made when none is in flight goes at
+once, alone. A batch is one call of a set-based server-side function (``gw_reserve_many``,
+``gw_settle_many`` in ``sql/batch.sql``) that gives each call the answer and the rows its
+single function (``gw_reserve``, ``gw_settle``) would, while locking and writing each
+account once per batch. Nobody's future resolves before the batch's transaction has
+committed: a reservation is durable before anything is forwarded.
+
+A reserve batch and a settle batch may be in flight at once (on two connections): one
+prepares its rows while the other waits for its WAL flush. Both lock accounts in one order
+(sorted by organization and token type) and a settle batch locks its reservations before
+any account, so they never deadlock each other; a batch the server refuses as a whole (a
+deadlock with another process, one call's own error) is run again call by call, so one
+call's failure is never another's.
 """
 
 from __future__ import annotations
@@ -26,10 +31,7 @@ from gateway.errors import LedgerUnavailable
 
 log = logging.getLogger("gateway.ledger")
 
-# Calls of one account in one transaction each leave a row version that the next call
-# walks past (none can be pruned before the commit): per-call cost grows with the batch.
-# Measured here, it is lowest around 50 calls to one account.
-MAX_BATCH = 64
+MAX_BATCH = 128
 
 # Failures of the connection or the server as a whole: every call of the batch gets them.
 _WHOLE_BATCH = (
@@ -62,34 +64,32 @@ class _Call:
 
 
 class Coalescer:
-    """Batches calls of each ``Kind``; one batch in flight at a time."""
+    """Batches calls of each ``Kind``; one batch of each kind in flight at a time."""
 
     def __init__(self, fetch: Fetch, *, max_batch: int = MAX_BATCH) -> None:
         self._fetch = fetch
         self._max_batch = max_batch
-        self._pending: dict[str, tuple[Kind, list[_Call]]] = {}
-        self._runner: asyncio.Task[None] | None = None
+        self._pending: dict[str, list[_Call]] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
         self.batches = 0  # batches of more than one call, for tests and the benchmark
         self.calls = 0
 
     async def call(self, kind: Kind, args: tuple[Any, ...], order: tuple[str, ...] = ()) -> Any:
-        """Run one call of ``kind`` in the next batch and return its row."""
+        """Run one call of ``kind`` in the next batch of its kind and return its row."""
         call = _Call(args, order)
-        self._pending.setdefault(kind.name, (kind, []))[1].append(call)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._drain(), name="ledger-batches")
+        self._pending.setdefault(kind.name, []).append(call)
+        runner = self._runners.get(kind.name)
+        if runner is None or runner.done():
+            self._runners[kind.name] = asyncio.create_task(
+                self._drain(kind), name=f"ledger-batches-{kind.name}"
+            )
         return await call.future
 
-    async def _drain(self) -> None:
-        while self._pending:
-            name = next(iter(self._pending))  # the kind waiting longest
-            kind, calls = self._pending[name]
+    async def _drain(self, kind: Kind) -> None:
+        while calls := self._pending.pop(kind.name, None):
             batch, rest = calls[: self._max_batch], calls[self._max_batch :]
             if rest:
-                del self._pending[name]
-                self._pending[name] = (kind, rest)  # behind the other kinds now
-            else:
-                del self._pending[name]
+                self._pending[kind.name] = rest
             await self._run(kind, batch)
 
     async def _run(self, kind: Kind, batch: list[_Call]) -> None:
@@ -149,13 +149,8 @@ def _fail(call: _Call, exc: BaseException) -> None:
     call.future.set_exception(exc)
 
 
-def many(function: str, array_types: Sequence[str], arguments: Sequence[str]) -> str:
-    """The query running ``function`` once per row of the argument arrays, in their order:
-    ``arguments`` are SQL expressions over the unnested columns ``a1``, ``a2``, ..."""
-    n = len(array_types)
+def many(function: str, array_types: Sequence[str]) -> str:
+    """The query calling ``function``, a set-based server-side function, with one array per
+    argument (the calls' values, in the batch's order): it answers one row per call."""
     params = ", ".join(f"${i}::{t}" for i, t in enumerate(array_types, 1))
-    names = ", ".join(f"a{i}" for i in range(1, n + 1))
-    return (
-        f"SELECT f.* FROM unnest({params}) WITH ORDINALITY AS u({names}, ord) "
-        f"CROSS JOIN LATERAL {function}({', '.join(arguments)}) f ORDER BY u.ord"
-    )
+    return f"SELECT * FROM {function}({params})"

@@ -39,25 +39,22 @@ _RESERVE = Kind(
     "SELECT * FROM gw_reserve($1, $2, $3, string_to_array($4, ','), $5, $6, $7, $8, $9, $10,"
     " $11::jsonb, $12, $13, $14, $15)",
     many(
-        "gw_reserve",
+        "gw_reserve_many",
         (
             "text[]", "text[]", "bigint[]", "text[]", "text[]", "text[]", "text[]", "text[]",
             "float8[]", "timestamptz[]", "text[]", "int[]", "int[]", "text[]", "text[]",
         ),
-        ["a1", "a2", "a3", "string_to_array(a4, ',')", "a5", "a6", "a7", "a8", "a9", "a10",
-         "a11::jsonb", "a12", "a13", "a14", "a15"],
     ),
 )  # fmt: skip
 _SETTLE = Kind(
     "settle",
     "SELECT * FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
     many(
-        "gw_settle",
+        "gw_settle_many",
         (
             "uuid[]", "text[]", "bigint[]", "timestamptz[]", "text[]", "text[]", "text[]",
             "text[]", "text[]",
         ),
-        ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9::jsonb"],
     ),
 )  # fmt: skip
 

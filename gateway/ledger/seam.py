@@ -40,6 +40,7 @@ FUNCTION_FILES = (
     "periods.sql",
     "gate_reserve.sql",
     "settle_sweep.sql",
+    "batch.sql",
     "organizations.sql",
     "usage.sql",
     "billing.sql",

@@ -1,0 +1,432 @@
+-- Group commit, set-based: many reserves (or settlements) in one call, one transaction.
+-- Re-applied (CREATE OR REPLACE) by every migrate, after gate_reserve.sql and
+-- settle_sweep.sql (see FUNCTION_FILES).
+--
+-- Each call gets exactly the answer and the rows gw_reserve / gw_settle would give it run
+-- one after another in the batch's order; what changes is the work per call. An account is
+-- locked, refreshed and gated once per batch, its balance is carried from call to call in
+-- memory, and its row is written once; the calls' reservations and journal rows go in as
+-- one INSERT each. (Updating one account row once per call leaves a row version per call
+-- that every later call in the transaction walks past: the per-call cost grew with the
+-- batch.) A call the common path does not cover (an idempotency key, a quota, a new
+-- account, a period ending within the batch, a refused gate, a reservation named twice)
+-- runs through gw_reserve / gw_settle itself, in its place in the order.
+
+-- The rows of reserves that passed: one INSERT each for reservations and journal, and the
+-- account's one UPDATE (the caller holds its lock and carried its balance).
+CREATE OR REPLACE FUNCTION gw_reserve_write(
+    p_org text, p_token_type text, p_period_start timestamptz, p_id uuid[],
+    p_from_allowance bigint[], p_from_purchased bigint[], p_route text[], p_user text[],
+    p_request_id text[], p_now timestamptz[], p_expires_at timestamptz[], p_metadata jsonb[],
+    p_source text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(cardinality(p_id), 0) = 0 THEN
+        RETURN;
+    END IF;
+    INSERT INTO reservations (id, org_id, token_type, amount, from_allowance, from_purchased,
+            period_start, route, user_id, request_id, created_at, expires_at, metadata, source)
+        SELECT u.id, p_org, p_token_type, u.a + u.p, u.a, u.p, p_period_start, u.route, u.usr,
+               u.req, u.at, u.exp, u.meta, u.src
+        FROM unnest(p_id, p_from_allowance, p_from_purchased, p_route, p_user, p_request_id,
+                    p_now, p_expires_at, p_metadata, p_source)
+             AS u(id, a, p, route, usr, req, at, exp, meta, src);
+    UPDATE accounts a SET
+            allowance = a.allowance - (SELECT sum(x) FROM unnest(p_from_allowance) x),
+            purchased = a.purchased - (SELECT sum(x) FROM unnest(p_from_purchased) x),
+            reserved = a.reserved + (SELECT sum(x) FROM unnest(p_from_allowance) x)
+                                  + (SELECT sum(x) FROM unnest(p_from_purchased) x),
+            last_used_at = (SELECT max(x) FROM unnest(p_now) x)
+        WHERE a.org_id = p_org AND a.token_type = p_token_type;
+    INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
+            reserved_delta, reservation_id, route, user_id, actor, request_id)
+        SELECT u.at, p_org, p_token_type, 'reserve', -u.a, -u.p, u.a + u.p, u.id, u.route,
+               u.usr, u.usr, u.req
+        FROM unnest(p_id, p_from_allowance, p_from_purchased, p_route, p_user, p_request_id,
+                    p_now) WITH ORDINALITY AS u(id, a, p, route, usr, req, at, ord)
+        ORDER BY u.ord;
+END
+$$;
+
+-- gw_reserve for each row of the argument arrays, in their order (callers sort the calls by
+-- account, so that batches lock accounts in one order). Returns one row per call, in order.
+CREATE OR REPLACE FUNCTION gw_reserve_many(
+    p_org text[], p_token_type text[], p_amount bigint[], p_plans text[], p_route text[],
+    p_user text[], p_request_id text[], p_idempotency_key text[],
+    p_ttl_seconds double precision[], p_now timestamptz[], p_metadata text[],
+    p_grace_days int[], p_degrade_after_days int[], p_source text[], p_fingerprint text[]
+) RETURNS TABLE (
+    status text, reservation_id uuid, from_allowance bigint, from_purchased bigint,
+    allowance bigint, purchased bigint, plan text, period_end timestamptz, allocated bigint,
+    license_date timestamptz, detail jsonb
+) LANGUAGE plpgsql AS $$
+DECLARE
+    n int := coalesce(cardinality(p_org), 0);
+    i int := 1;
+    j int;
+    k int;
+    v_common boolean;
+    v_acct accounts;
+    v_gate record;
+    v_gate_key text;
+    v_key text;
+    v_take_a bigint;
+    v_id uuid;
+    v_row record;
+    -- the answers, by call
+    r_status text[] := array_fill(NULL::text, ARRAY[n]);
+    r_id uuid[] := array_fill(NULL::uuid, ARRAY[n]);
+    r_from_a bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_from_p bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_allowance bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_purchased bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_plan text[] := array_fill(NULL::text, ARRAY[n]);
+    r_period_end timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
+    r_allocated bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_license_date timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
+    r_detail jsonb[] := array_fill(NULL::jsonb, ARRAY[n]);
+    -- the reserves passed and not written yet
+    q_id uuid[];
+    q_a bigint[];
+    q_p bigint[];
+    q_route text[];
+    q_user text[];
+    q_req text[];
+    q_now timestamptz[];
+    q_exp timestamptz[];
+    q_meta jsonb[];
+    q_src text[];
+BEGIN
+    WHILE i <= n LOOP
+        j := i;
+        WHILE j < n AND p_org[j + 1] = p_org[i] AND p_token_type[j + 1] = p_token_type[i] LOOP
+            j := j + 1;
+        END LOOP;
+        -- The common path needs the account to exist with no quota on it, and every call's
+        -- time to fall in its current period (else gw_reserve refreshes it, call by call).
+        v_common := EXISTS (SELECT 1 FROM accounts a
+                            WHERE a.org_id = p_org[i] AND a.token_type = p_token_type[i])
+            AND NOT EXISTS (SELECT 1 FROM quotas q
+                            WHERE q.org_id = p_org[i] AND q.token_type = p_token_type[i]);
+        IF v_common THEN
+            v_acct := gw_touch_account(p_org[i], p_token_type[i],
+                                       (SELECT min(x) FROM unnest(p_now[i:j]) x));
+            v_common := (SELECT max(x) FROM unnest(p_now[i:j]) x) < v_acct.period_end;
+        END IF;
+        v_gate_key := NULL;
+        q_id := '{}'; q_a := '{}'; q_p := '{}'; q_route := '{}'; q_user := '{}';
+        q_req := '{}'; q_now := '{}'; q_exp := '{}'; q_meta := '{}'; q_src := '{}';
+        FOR k IN i..j LOOP
+            IF v_common AND p_idempotency_key[k] IS NULL AND p_amount[k] > 0 THEN
+                -- The gate's refusals other than the balance's do not depend on the amount
+                -- (no quota here), and those of the license only close with time: open at
+                -- the batch's latest time, the gate is open for every call of the batch.
+                v_key := concat_ws('|', p_plans[k], p_grace_days[k], p_degrade_after_days[k]);
+                IF v_gate_key IS DISTINCT FROM v_key THEN
+                    SELECT * INTO v_gate FROM gw_gate(
+                        p_org[k], p_token_type[k], 0, string_to_array(p_plans[k], ','),
+                        p_user[k], (SELECT max(x) FROM unnest(p_now[i:j]) x), p_grace_days[k],
+                        p_degrade_after_days[k]) g;
+                    v_gate_key := v_key;
+                END IF;
+                IF v_gate.status = 'ok' THEN
+                    IF v_acct.allowance + v_acct.purchased < p_amount[k] THEN
+                        r_status[k] := 'insufficient';
+                        r_from_a[k] := 0;
+                        r_from_p[k] := 0;
+                    ELSE
+                        v_take_a := least(v_acct.allowance, p_amount[k]);
+                        v_acct.allowance := v_acct.allowance - v_take_a;
+                        v_acct.purchased := v_acct.purchased - (p_amount[k] - v_take_a);
+                        v_id := gen_random_uuid();
+                        q_id := q_id || v_id;
+                        q_a := q_a || v_take_a;
+                        q_p := q_p || (p_amount[k] - v_take_a);
+                        q_route := q_route || p_route[k];
+                        q_user := q_user || p_user[k];
+                        q_req := q_req || p_request_id[k];
+                        q_now := q_now || p_now[k];
+                        q_exp := q_exp || (p_now[k] + make_interval(secs => p_ttl_seconds[k]));
+                        q_meta := q_meta || p_metadata[k]::jsonb;
+                        q_src := q_src || p_source[k];
+                        r_status[k] := 'ok';
+                        r_id[k] := v_id;
+                        r_from_a[k] := v_take_a;
+                        r_from_p[k] := p_amount[k] - v_take_a;
+                    END IF;
+                    r_allowance[k] := v_acct.allowance;
+                    r_purchased[k] := v_acct.purchased;
+                    r_plan[k] := v_gate.plan;
+                    r_period_end[k] := v_acct.period_end;
+                    r_allocated[k] := v_acct.allocated;
+                    CONTINUE;
+                END IF;
+            END IF;
+            -- Not the common path: write what passed so far, then gw_reserve itself.
+            PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_id,
+                q_a, q_p, q_route, q_user, q_req, q_now, q_exp, q_meta, q_src);
+            q_id := '{}'; q_a := '{}'; q_p := '{}'; q_route := '{}'; q_user := '{}';
+            q_req := '{}'; q_now := '{}'; q_exp := '{}'; q_meta := '{}'; q_src := '{}';
+            SELECT * INTO v_row FROM gw_reserve(p_org[k], p_token_type[k], p_amount[k],
+                string_to_array(p_plans[k], ','), p_route[k], p_user[k], p_request_id[k],
+                p_idempotency_key[k], p_ttl_seconds[k], p_now[k], p_metadata[k]::jsonb,
+                p_grace_days[k], p_degrade_after_days[k], p_source[k], p_fingerprint[k]) r;
+            r_status[k] := v_row.status;
+            r_id[k] := v_row.reservation_id;
+            r_from_a[k] := v_row.from_allowance;
+            r_from_p[k] := v_row.from_purchased;
+            r_allowance[k] := v_row.allowance;
+            r_purchased[k] := v_row.purchased;
+            r_plan[k] := v_row.plan;
+            r_period_end[k] := v_row.period_end;
+            r_allocated[k] := v_row.allocated;
+            r_license_date[k] := v_row.license_date;
+            r_detail[k] := v_row.detail;
+            IF v_common THEN  -- carry on from the balance it left
+                SELECT * INTO v_acct FROM accounts a
+                    WHERE a.org_id = p_org[i] AND a.token_type = p_token_type[i];
+            END IF;
+        END LOOP;
+        PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_id, q_a,
+            q_p, q_route, q_user, q_req, q_now, q_exp, q_meta, q_src);
+        i := j + 1;
+    END LOOP;
+    RETURN QUERY SELECT * FROM unnest(r_status, r_id, r_from_a, r_from_p, r_allowance,
+        r_purchased, r_plan, r_period_end, r_allocated, r_license_date, r_detail);
+END
+$$;
+
+-- gw_settle for each row of the argument arrays, as if one after another in their order.
+-- Returns one row per call, in order. The transaction waits for its WAL flush when any
+-- call is a commit (see gw_settle: only refunds and expiries may be lost to a crash).
+CREATE OR REPLACE FUNCTION gw_settle_many(
+    p_id uuid[], p_outcome text[], p_charged bigint[], p_now timestamptz[], p_actor text[],
+    p_reason text[], p_org text[], p_source text[], p_usage text[]
+) RETURNS TABLE (status text, charged bigint, allowance bigint, purchased bigint,
+                 token_type text, org_id text, allocated bigint, period_start timestamptz,
+                 unbilled bigint)
+LANGUAGE plpgsql
+-- A batch names its reservations by primary key: never a scan or a hash of the whole
+-- table, whatever the statistics said when the plans were cached (a new table's say
+-- "tiny", and a plan that scans it stays cached while it grows).
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    n int := coalesce(cardinality(p_id), 0);
+    v_flush text := current_setting('synchronous_commit');
+    k int;
+    rec record;
+    v_row record;
+    v_acct accounts;
+    v_have boolean := false;
+    v_charged bigint;
+    v_charged_a bigint;
+    v_release_a bigint;
+    v_release_p bigint;
+    v_lapse bigint;
+    v_paid_off bigint;
+    v_excess bigint;
+    v_take_a bigint;
+    v_take_p bigint;
+    v_unbilled bigint;
+    r_status text[] := array_fill(NULL::text, ARRAY[n]);
+    r_charged bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_allowance bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_purchased bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_token_type text[] := array_fill(NULL::text, ARRAY[n]);
+    r_org text[] := array_fill(NULL::text, ARRAY[n]);
+    r_allocated bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    r_period_start timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
+    r_unbilled bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    -- the settlements of the current account not written yet
+    q_id uuid[] := '{}';
+    q_state text[] := '{}';
+    q_charged bigint[] := '{}';
+    q_now timestamptz[] := '{}';
+    q_unbilled bigint[] := '{}';
+    q_usage jsonb[] := '{}';
+    -- its journal rows, in order
+    j_at timestamptz[] := '{}';
+    j_kind text[] := '{}';
+    j_a bigint[] := '{}';
+    j_p bigint[] := '{}';
+    j_r bigint[] := '{}';
+    j_res uuid[] := '{}';
+    j_route text[] := '{}';
+    j_user text[] := '{}';
+    j_actor text[] := '{}';
+    j_reason text[] := '{}';
+    j_req text[] := '{}';
+    j_unbilled bigint[] := '{}';
+BEGIN
+    IF (SELECT count(DISTINCT x) FROM unnest(p_id) x) < n OR n = 0 THEN
+        -- A reservation named twice: its second settlement must see its first, so each
+        -- call is run alone, in order.
+        FOR k IN 1..n LOOP
+            SELECT * INTO v_row FROM gw_settle(p_id[k], p_outcome[k], p_charged[k], p_now[k],
+                p_actor[k], p_reason[k], p_org[k], p_source[k], p_usage[k]::jsonb) s;
+            r_status[k] := v_row.status; r_charged[k] := v_row.charged;
+            r_allowance[k] := v_row.allowance; r_purchased[k] := v_row.purchased;
+            r_token_type[k] := v_row.token_type; r_org[k] := v_row.org_id;
+            r_allocated[k] := v_row.allocated; r_period_start[k] := v_row.period_start;
+            r_unbilled[k] := v_row.unbilled;
+        END LOOP;
+    ELSE
+        PERFORM 1 FROM reservations r WHERE r.id = ANY (p_id) ORDER BY r.id FOR UPDATE OF r;
+        -- Calls of different accounts commute: taken account by account (in one order, as
+        -- the reserves lock them), in the batch's order within each account.
+        FOR rec IN
+            SELECT u.ord::int AS k, r.*
+            FROM unnest(p_id) WITH ORDINALITY AS u(id, ord)
+            LEFT JOIN reservations r ON r.id = u.id
+                AND (p_org[u.ord] IS NULL OR r.org_id = p_org[u.ord])
+                AND (p_source[u.ord] IS NULL OR r.source = p_source[u.ord])
+            ORDER BY r.org_id, r.token_type, u.ord
+        LOOP
+            k := rec.k;
+            IF rec.id IS NULL THEN
+                r_status[k] := 'not_found'; r_charged[k] := 0; r_allowance[k] := 0;
+                r_purchased[k] := 0; r_allocated[k] := 0; r_unbilled[k] := 0;
+                CONTINUE;
+            END IF;
+            IF NOT v_have OR v_acct.org_id <> rec.org_id
+                    OR v_acct.token_type <> rec.token_type THEN
+                IF v_have THEN
+                    PERFORM gw_settle_write(v_acct, q_id, q_state, q_charged, q_now,
+                        q_unbilled, q_usage, j_at, j_kind, j_a, j_p, j_r, j_res, j_route,
+                        j_user, j_actor, j_reason, j_req, j_unbilled);
+                    q_id := '{}'; q_state := '{}'; q_charged := '{}'; q_now := '{}';
+                    q_unbilled := '{}'; q_usage := '{}'; j_at := '{}'; j_kind := '{}';
+                    j_a := '{}'; j_p := '{}'; j_r := '{}'; j_res := '{}'; j_route := '{}';
+                    j_user := '{}'; j_actor := '{}'; j_reason := '{}'; j_req := '{}';
+                    j_unbilled := '{}';
+                END IF;
+                SELECT * INTO v_acct FROM accounts a
+                    WHERE a.org_id = rec.org_id AND a.token_type = rec.token_type FOR UPDATE;
+                v_have := true;
+            END IF;
+            r_token_type[k] := rec.token_type;
+            r_org[k] := rec.org_id;
+            IF rec.state <> 'held' THEN
+                r_status[k] := 'already_' || rec.state; r_charged[k] := coalesce(rec.charged, 0);
+                r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
+                r_allocated[k] := v_acct.allocated; r_period_start[k] := v_acct.period_start;
+                r_unbilled[k] := rec.unbilled;
+                CONTINUE;
+            END IF;
+            v_charged := CASE WHEN p_outcome[k] = 'commit'
+                              THEN coalesce(p_charged[k], rec.amount) ELSE 0 END;
+            IF v_charged < 0 OR (v_charged > rec.amount AND p_usage[k] IS NULL) THEN
+                r_status[k] := 'exceeds_amount'; r_charged[k] := v_charged;
+                r_allowance[k] := 0; r_purchased[k] := 0; r_allocated[k] := 0;
+                r_unbilled[k] := 0;
+                CONTINUE;
+            END IF;
+            -- gw_settle's arithmetic, on the balance carried in memory.
+            v_excess := greatest(v_charged - rec.amount, 0);
+            v_charged := v_charged - v_excess;
+            v_charged_a := least(rec.from_allowance, v_charged);
+            v_release_a := rec.from_allowance - v_charged_a;
+            v_release_p := rec.from_purchased - (v_charged - v_charged_a);
+            v_lapse := 0; v_paid_off := 0; v_take_a := 0; v_take_p := 0; v_unbilled := 0;
+            IF v_acct.period_start <> rec.period_start THEN
+                v_lapse := v_release_a;
+            ELSE
+                v_paid_off := least(v_release_a, v_acct.overdrawn);
+            END IF;
+            IF v_excess > 0 THEN
+                v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
+                v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
+                v_unbilled := v_excess - v_take_a - v_take_p;
+                v_charged := v_charged + v_take_a + v_take_p;
+            END IF;
+            v_acct.allowance := v_acct.allowance + v_release_a - v_lapse - v_paid_off - v_take_a;
+            v_acct.overdrawn := v_acct.overdrawn - v_paid_off;
+            v_acct.purchased := v_acct.purchased + v_release_p - v_take_p;
+            v_acct.reserved := v_acct.reserved - rec.amount;
+            q_id := q_id || rec.id;
+            q_state := q_state || CASE p_outcome[k] WHEN 'commit' THEN 'committed'
+                WHEN 'refund' THEN 'refunded' ELSE 'expired' END;
+            q_charged := q_charged || v_charged;
+            q_now := q_now || p_now[k];
+            q_unbilled := q_unbilled || v_unbilled;
+            q_usage := q_usage || coalesce(p_usage[k]::jsonb, rec.usage);
+            j_at := j_at || p_now[k]; j_kind := j_kind || p_outcome[k];
+            j_a := j_a || (v_release_a - v_take_a); j_p := j_p || (v_release_p - v_take_p);
+            j_r := j_r || -rec.amount; j_res := j_res || rec.id;
+            j_route := j_route || rec.route; j_user := j_user || rec.user_id;
+            j_actor := j_actor || p_actor[k];
+            j_reason := j_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
+                'usage above the hold of %s: %s more taken from the balance, %s unbilled',
+                rec.amount, v_take_a + v_take_p, v_unbilled) END);
+            j_req := j_req || rec.request_id; j_unbilled := j_unbilled || v_unbilled;
+            IF v_lapse > 0 THEN
+                j_at := j_at || p_now[k]; j_kind := j_kind || 'lapse'::text;
+                j_a := j_a || -v_lapse; j_p := j_p || 0::bigint; j_r := j_r || 0::bigint;
+                j_res := j_res || rec.id; j_route := j_route || NULL::text;
+                j_user := j_user || NULL::text; j_actor := j_actor || 'ledger'::text;
+                j_reason := j_reason
+                    || ('released allowance of the period that started ' || rec.period_start);
+                j_req := j_req || NULL::text; j_unbilled := j_unbilled || 0::bigint;
+            END IF;
+            IF v_paid_off > 0 THEN
+                j_at := j_at || p_now[k]; j_kind := j_kind || 'lapse'::text;
+                j_a := j_a || -v_paid_off; j_p := j_p || 0::bigint; j_r := j_r || 0::bigint;
+                j_res := j_res || rec.id; j_route := j_route || NULL::text;
+                j_user := j_user || NULL::text; j_actor := j_actor || 'ledger'::text;
+                j_reason := j_reason
+                    || 'released allowance beyond what the plan now allocates this period'::text;
+                j_req := j_req || NULL::text; j_unbilled := j_unbilled || 0::bigint;
+            END IF;
+            r_status[k] := 'ok'; r_charged[k] := v_charged;
+            r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
+            r_allocated[k] := v_acct.allocated; r_period_start[k] := v_acct.period_start;
+            r_unbilled[k] := v_unbilled;
+        END LOOP;
+        IF v_have THEN
+            PERFORM gw_settle_write(v_acct, q_id, q_state, q_charged, q_now, q_unbilled,
+                q_usage, j_at, j_kind, j_a, j_p, j_r, j_res, j_route, j_user, j_actor,
+                j_reason, j_req, j_unbilled);
+        END IF;
+    END IF;
+    IF 'commit' = ANY (p_outcome) THEN
+        PERFORM set_config('synchronous_commit', v_flush, true);
+    ELSE
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(r_status, r_charged, r_allowance, r_purchased,
+        r_token_type, r_org, r_allocated, r_period_start, r_unbilled);
+END
+$$;
+
+-- The rows of one account's settlements: its balance (carried under its lock by the
+-- caller), the reservations' new states and the journal rows, one statement each.
+CREATE OR REPLACE FUNCTION gw_settle_write(
+    p_acct accounts, p_id uuid[], p_state text[], p_charged bigint[], p_now timestamptz[],
+    p_unbilled bigint[], p_usage jsonb[], j_at timestamptz[], j_kind text[], j_a bigint[],
+    j_p bigint[], j_r bigint[], j_res uuid[], j_route text[], j_user text[], j_actor text[],
+    j_reason text[], j_req text[], j_unbilled bigint[]
+) RETURNS void LANGUAGE plpgsql
+SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+BEGIN
+    IF coalesce(cardinality(p_id), 0) = 0 THEN
+        RETURN;
+    END IF;
+    UPDATE accounts a SET allowance = p_acct.allowance, overdrawn = p_acct.overdrawn,
+            purchased = p_acct.purchased, reserved = p_acct.reserved
+        WHERE a.org_id = p_acct.org_id AND a.token_type = p_acct.token_type;
+    UPDATE reservations r SET state = u.state, charged = u.charged, settled_at = u.at,
+            unbilled = u.unbilled, usage = u.usage
+        FROM unnest(p_id, p_state, p_charged, p_now, p_unbilled, p_usage)
+             AS u(id, state, charged, at, unbilled, usage)
+        WHERE r.id = u.id;
+    INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
+            reserved_delta, reservation_id, route, user_id, actor, reason, request_id,
+            unbilled)
+        SELECT u.at, p_acct.org_id, p_acct.token_type, u.kind, u.a, u.p, u.r, u.res, u.route,
+               u.usr, u.actor, u.reason, u.req, u.unbilled
+        FROM unnest(j_at, j_kind, j_a, j_p, j_r, j_res, j_route, j_user, j_actor, j_reason,
+                    j_req, j_unbilled) WITH ORDINALITY
+             AS u(at, kind, a, p, r, res, route, usr, actor, reason, req, unbilled, ord)
+        ORDER BY u.ord;
+END
+$$;
