@@ -237,26 +237,18 @@ DECLARE
     r_allocated bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     r_period_start timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
     r_unbilled bigint[] := array_fill(NULL::bigint, ARRAY[n]);
-    -- the settlements of the current account not written yet
-    q_id uuid[] := '{}';
-    q_state text[] := '{}';
+    -- the settlements of the current account not written yet: the call, what it charged
+    -- and left unbilled, what it gave back to allowance and purchased, its reason
+    q_k int[] := '{}';
     q_charged bigint[] := '{}';
-    q_now timestamptz[] := '{}';
     q_unbilled bigint[] := '{}';
-    q_usage jsonb[] := '{}';
-    -- its journal rows, in order
-    j_at timestamptz[] := '{}';
-    j_kind text[] := '{}';
-    j_a bigint[] := '{}';
-    j_p bigint[] := '{}';
-    j_r bigint[] := '{}';
-    j_res uuid[] := '{}';
-    j_route text[] := '{}';
-    j_user text[] := '{}';
-    j_actor text[] := '{}';
-    j_reason text[] := '{}';
-    j_req text[] := '{}';
-    j_unbilled bigint[] := '{}';
+    q_a bigint[] := '{}';
+    q_p bigint[] := '{}';
+    q_reason text[] := '{}';
+    -- and the allowance they let lapse: the call, the amount, the reason
+    l_k int[] := '{}';
+    l_amount bigint[] := '{}';
+    l_reason text[] := '{}';
 BEGIN
     IF (SELECT count(DISTINCT x) FROM unnest(p_id) x) < n OR n = 0 THEN
         -- A reservation named twice: its second settlement must see its first, so each
@@ -291,14 +283,12 @@ BEGIN
             IF NOT v_have OR v_acct.org_id <> rec.org_id
                     OR v_acct.token_type <> rec.token_type THEN
                 IF v_have THEN
-                    PERFORM gw_settle_write(v_acct, q_id, q_state, q_charged, q_now,
-                        q_unbilled, q_usage, j_at, j_kind, j_a, j_p, j_r, j_res, j_route,
-                        j_user, j_actor, j_reason, j_req, j_unbilled);
-                    q_id := '{}'; q_state := '{}'; q_charged := '{}'; q_now := '{}';
-                    q_unbilled := '{}'; q_usage := '{}'; j_at := '{}'; j_kind := '{}';
-                    j_a := '{}'; j_p := '{}'; j_r := '{}'; j_res := '{}'; j_route := '{}';
-                    j_user := '{}'; j_actor := '{}'; j_reason := '{}'; j_req := '{}';
-                    j_unbilled := '{}';
+                    PERFORM gw_settle_write(v_acct, p_id, p_outcome, p_now, p_actor, p_usage,
+                        q_k, q_charged, q_unbilled, q_a, q_p, q_reason, l_k, l_amount,
+                        l_reason);
+                    q_k := '{}'; q_charged := '{}'; q_unbilled := '{}'; q_a := '{}';
+                    q_p := '{}'; q_reason := '{}'; l_k := '{}'; l_amount := '{}';
+                    l_reason := '{}';
                 END IF;
                 SELECT * INTO v_acct FROM accounts a
                     WHERE a.org_id = rec.org_id AND a.token_type = rec.token_type FOR UPDATE;
@@ -343,39 +333,23 @@ BEGIN
             v_acct.overdrawn := v_acct.overdrawn - v_paid_off;
             v_acct.purchased := v_acct.purchased + v_release_p - v_take_p;
             v_acct.reserved := v_acct.reserved - rec.amount;
-            q_id := q_id || rec.id;
-            q_state := q_state || CASE p_outcome[k] WHEN 'commit' THEN 'committed'
-                WHEN 'refund' THEN 'refunded' ELSE 'expired' END;
+            q_k := q_k || k;
             q_charged := q_charged || v_charged;
-            q_now := q_now || p_now[k];
             q_unbilled := q_unbilled || v_unbilled;
-            q_usage := q_usage || coalesce(p_usage[k]::jsonb, rec.usage);
-            j_at := j_at || p_now[k]; j_kind := j_kind || p_outcome[k];
-            j_a := j_a || (v_release_a - v_take_a); j_p := j_p || (v_release_p - v_take_p);
-            j_r := j_r || -rec.amount; j_res := j_res || rec.id;
-            j_route := j_route || rec.route; j_user := j_user || rec.user_id;
-            j_actor := j_actor || p_actor[k];
-            j_reason := j_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
+            q_a := q_a || (v_release_a - v_take_a);
+            q_p := q_p || (v_release_p - v_take_p);
+            q_reason := q_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
                 'usage above the hold of %s: %s more taken from the balance, %s unbilled',
                 rec.amount, v_take_a + v_take_p, v_unbilled) END);
-            j_req := j_req || rec.request_id; j_unbilled := j_unbilled || v_unbilled;
             IF v_lapse > 0 THEN
-                j_at := j_at || p_now[k]; j_kind := j_kind || 'lapse'::text;
-                j_a := j_a || -v_lapse; j_p := j_p || 0::bigint; j_r := j_r || 0::bigint;
-                j_res := j_res || rec.id; j_route := j_route || NULL::text;
-                j_user := j_user || NULL::text; j_actor := j_actor || 'ledger'::text;
-                j_reason := j_reason
+                l_k := l_k || k; l_amount := l_amount || v_lapse;
+                l_reason := l_reason
                     || ('released allowance of the period that started ' || rec.period_start);
-                j_req := j_req || NULL::text; j_unbilled := j_unbilled || 0::bigint;
             END IF;
             IF v_paid_off > 0 THEN
-                j_at := j_at || p_now[k]; j_kind := j_kind || 'lapse'::text;
-                j_a := j_a || -v_paid_off; j_p := j_p || 0::bigint; j_r := j_r || 0::bigint;
-                j_res := j_res || rec.id; j_route := j_route || NULL::text;
-                j_user := j_user || NULL::text; j_actor := j_actor || 'ledger'::text;
-                j_reason := j_reason
+                l_k := l_k || k; l_amount := l_amount || v_paid_off;
+                l_reason := l_reason
                     || 'released allowance beyond what the plan now allocates this period'::text;
-                j_req := j_req || NULL::text; j_unbilled := j_unbilled || 0::bigint;
             END IF;
             r_status[k] := 'ok'; r_charged[k] := v_charged;
             r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
@@ -383,9 +357,8 @@ BEGIN
             r_unbilled[k] := v_unbilled;
         END LOOP;
         IF v_have THEN
-            PERFORM gw_settle_write(v_acct, q_id, q_state, q_charged, q_now, q_unbilled,
-                q_usage, j_at, j_kind, j_a, j_p, j_r, j_res, j_route, j_user, j_actor,
-                j_reason, j_req, j_unbilled);
+            PERFORM gw_settle_write(v_acct, p_id, p_outcome, p_now, p_actor, p_usage, q_k,
+                q_charged, q_unbilled, q_a, q_p, q_reason, l_k, l_amount, l_reason);
         END IF;
     END IF;
     IF 'commit' = ANY (p_outcome) THEN
@@ -398,35 +371,50 @@ BEGIN
 END
 $$;
 
--- The rows of one account's settlements: its balance (carried under its lock by the
--- caller), the reservations' new states and the journal rows, one statement each.
+-- The rows of one account's settlements (calls q_k of the batch's arrays p_*): its balance
+-- (carried under its lock by the caller), the reservations' new states and the journal
+-- rows, each settlement's followed by those of the allowance it let lapse (l_k), one
+-- statement each.
 CREATE OR REPLACE FUNCTION gw_settle_write(
-    p_acct accounts, p_id uuid[], p_state text[], p_charged bigint[], p_now timestamptz[],
-    p_unbilled bigint[], p_usage jsonb[], j_at timestamptz[], j_kind text[], j_a bigint[],
-    j_p bigint[], j_r bigint[], j_res uuid[], j_route text[], j_user text[], j_actor text[],
-    j_reason text[], j_req text[], j_unbilled bigint[]
+    p_acct accounts, p_id uuid[], p_outcome text[], p_now timestamptz[], p_actor text[],
+    p_usage text[], q_k int[], q_charged bigint[], q_unbilled bigint[], q_a bigint[],
+    q_p bigint[], q_reason text[], l_k int[], l_amount bigint[], l_reason text[]
 ) RETURNS void LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
-    IF coalesce(cardinality(p_id), 0) = 0 THEN
+    IF coalesce(cardinality(q_k), 0) = 0 THEN
         RETURN;
     END IF;
     UPDATE accounts a SET allowance = p_acct.allowance, overdrawn = p_acct.overdrawn,
             purchased = p_acct.purchased, reserved = p_acct.reserved
         WHERE a.org_id = p_acct.org_id AND a.token_type = p_acct.token_type;
-    UPDATE reservations r SET state = u.state, charged = u.charged, settled_at = u.at,
-            unbilled = u.unbilled, usage = u.usage
-        FROM unnest(p_id, p_state, p_charged, p_now, p_unbilled, p_usage)
-             AS u(id, state, charged, at, unbilled, usage)
-        WHERE r.id = u.id;
+    WITH settled AS (
+        UPDATE reservations r SET
+                state = CASE p_outcome[u.k] WHEN 'commit' THEN 'committed'
+                        WHEN 'refund' THEN 'refunded' ELSE 'expired' END,
+                charged = u.charged, settled_at = p_now[u.k], unbilled = u.unbilled,
+                usage = coalesce(p_usage[u.k]::jsonb, r.usage)
+            FROM unnest(q_k, q_charged, q_unbilled, q_a, q_p, q_reason)
+                 AS u(k, charged, unbilled, a, p, reason)
+            WHERE r.id = p_id[u.k]
+            RETURNING u.k, r.id, r.amount, r.route, r.user_id, r.request_id, u.a, u.p,
+                      u.reason, u.unbilled
+    )
     INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
             reserved_delta, reservation_id, route, user_id, actor, reason, request_id,
             unbilled)
-        SELECT u.at, p_acct.org_id, p_acct.token_type, u.kind, u.a, u.p, u.r, u.res, u.route,
-               u.usr, u.actor, u.reason, u.req, u.unbilled
-        FROM unnest(j_at, j_kind, j_a, j_p, j_r, j_res, j_route, j_user, j_actor, j_reason,
-                    j_req, j_unbilled) WITH ORDINALITY
-             AS u(at, kind, a, p, r, res, route, usr, actor, reason, req, unbilled, ord)
-        ORDER BY u.ord;
+        SELECT p_now[x.k], p_acct.org_id, p_acct.token_type, x.kind, x.a, x.p, x.r, x.id,
+               x.route, x.usr, x.actor, x.reason, x.req, x.unbilled
+        FROM (
+            SELECT s.k, 0 AS sub, p_outcome[s.k] AS kind, s.a, s.p, -s.amount AS r, s.id,
+                   s.route, s.user_id AS usr, p_actor[s.k] AS actor, s.reason,
+                   s.request_id AS req, s.unbilled
+            FROM settled s
+            UNION ALL
+            SELECT l.k, l.ord, 'lapse', -l.amount, 0, 0, p_id[l.k], NULL, NULL, 'ledger',
+                   l.reason, NULL, 0
+            FROM unnest(l_k, l_amount, l_reason) WITH ORDINALITY AS l(k, amount, reason, ord)
+        ) x
+        ORDER BY x.k, x.sub;
 END
 $$;
