@@ -7,6 +7,7 @@ period. And a batch holding a commit waits for its WAL flush."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -278,3 +279,81 @@ async def test_a_settle_batch_holding_a_commit_waits_for_its_flush(
         assert [r["status"] for r in rows] == ["ok", "ok"]
         assert await conn.fetchval("SHOW synchronous_commit") == flushed
     assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def _blocked_on_a_lock(watcher: asyncpg.Connection, blocked: asyncpg.Connection) -> None:
+    pid = blocked.get_server_pid()
+    for _ in range(500):
+        if await watcher.fetchval(
+            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the batch never waited for the account's lock")
+
+
+async def test_a_settle_batch_adds_what_others_moved_before_its_lock(
+    ledger: Ledger, conn: asyncpg.Connection, clock: Clock, database_url: str, schema: str
+) -> None:
+    """A settle batch reads its account without locking it and locks it last, for its one
+    UPDATE: a reserve committed in between is kept, and the batch's answers include it."""
+    await _twins(ledger, conn, clock)
+    reserved, _ = await _reserve_twins(
+        conn, [(10, "general", None, None, "ann"), (20, "general", None, None, "bob")], clock()
+    )
+    other = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        tx = other.transaction()
+        await tx.start()
+        # Another gateway's reserve holds the account (allowance 70 -> 63) until it commits.
+        (held,) = await other.fetch(
+            _RESERVE.single,
+            *_reserve_args("batched", [(7, "general", None, None, "cid")], clock())[0],
+        )
+        assert held["allowance"] == 63
+        args = _settle_args(
+            "batched",
+            _ids(reserved),
+            [(0, "commit", 4, None, None), (1, "refund", None, None, None)],
+            clock(),
+        )
+        batch = asyncio.create_task(conn.fetch(_SETTLE.many, *map(list, zip(*args, strict=True))))
+        await _blocked_on_a_lock(other, conn)
+        await tx.commit()
+        rows = await batch
+    finally:
+        await other.close()
+    # Released 6 then 20 on top of the 63 the other reserve left.
+    assert [(r["status"], r["allowance"]) for r in rows] == [("ok", 69), ("ok", 89)]
+    (account,) = [a for a in await ledger.balances("batched") if a.token_type == "general"]
+    assert (account.available, account.reserved) == (89 + 5, 7)
+
+
+async def test_a_settle_batch_whose_account_changed_period_before_its_lock_is_refused(
+    ledger: Ledger, conn: asyncpg.Connection, clock: Clock, database_url: str, schema: str
+) -> None:
+    """Its rows were written for the period it read: refused whole (and run again call by
+    call by the coalescer), never applied to another period."""
+    await _twins(ledger, conn, clock)
+    reserved, _ = await _reserve_twins(conn, [(10, "general", None, None, "ann")], clock())
+    other = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        tx = other.transaction()
+        await tx.start()
+        later = reserved[0]["period_end"] + timedelta(hours=1)
+        await other.execute("SELECT gw_touch_account('batched', 'general', $1)", later)
+        args = _settle_args("batched", _ids(reserved), [(0, "refund", None, None, None)], later)
+        batch = asyncio.create_task(conn.fetch(_SETTLE.many, *map(list, zip(*args, strict=True))))
+        await _blocked_on_a_lock(other, conn)
+        await tx.commit()
+        with pytest.raises(asyncpg.SerializationError):
+            await batch
+    finally:
+        await other.close()
+    # Run alone, the refund lets the old period's allowance lapse.
+    (row,) = await conn.fetch(_SETTLE.single, *args[0])
+    assert row["status"] == "ok"
+    kinds = await conn.fetch(
+        "SELECT kind FROM journal WHERE reservation_id = $1 ORDER BY id", _ids(reserved)[0]
+    )
+    assert [r["kind"] for r in kinds] == ["reserve", "refund", "lapse"]

@@ -216,8 +216,14 @@ DECLARE
     k int;
     rec record;
     v_row record;
+    v_group record;
     v_acct accounts;
-    v_have boolean := false;
+    v_seen accounts;
+    v_locked accounts;
+    v_early boolean;
+    v_usage boolean := EXISTS (SELECT 1 FROM unnest(p_usage) x WHERE x IS NOT NULL);
+    v_moved_a bigint;
+    v_moved_p bigint;
     v_charged bigint;
     v_charged_a bigint;
     v_release_a bigint;
@@ -249,6 +255,8 @@ DECLARE
     l_k int[] := '{}';
     l_amount bigint[] := '{}';
     l_reason text[] := '{}';
+    -- the calls whose answers show the account's balance
+    g_k int[];
 BEGIN
     IF (SELECT count(DISTINCT x) FROM unnest(p_id) x) < n OR n = 0 THEN
         -- A reservation named twice: its second settlement must see its first, so each
@@ -266,100 +274,146 @@ BEGIN
         PERFORM 1 FROM reservations r WHERE r.id = ANY (p_id) ORDER BY r.id FOR UPDATE OF r;
         -- Calls of different accounts commute: taken account by account (in one order, as
         -- the reserves lock them), in the batch's order within each account.
-        FOR rec IN
-            SELECT u.ord::int AS k, r.*
+        FOR v_group IN
+            SELECT r.org_id, r.token_type, array_agg(u.ord::int ORDER BY u.ord) AS calls
             FROM unnest(p_id) WITH ORDINALITY AS u(id, ord)
-            LEFT JOIN reservations r ON r.id = u.id
+            JOIN reservations r ON r.id = u.id
                 AND (p_org[u.ord] IS NULL OR r.org_id = p_org[u.ord])
                 AND (p_source[u.ord] IS NULL OR r.source = p_source[u.ord])
-            ORDER BY r.org_id, r.token_type, u.ord
+            GROUP BY r.org_id, r.token_type
+            ORDER BY r.org_id, r.token_type
         LOOP
-            k := rec.k;
-            IF rec.id IS NULL THEN
-                r_status[k] := 'not_found'; r_charged[k] := 0; r_allowance[k] := 0;
-                r_purchased[k] := 0; r_allocated[k] := 0; r_unbilled[k] := 0;
-                CONTINUE;
+            -- The account is locked last, for its one UPDATE: a settlement only gives back
+            -- what its reservation took, so its rows depend on the account's period and
+            -- overdraft, not on its balance, and are written before the lock. Another
+            -- batch may move the balance meanwhile; the period and the overdraft are
+            -- checked under the lock (else the whole batch is run again call by call). A
+            -- charge above the hold is taken from the balance: with one, the account is
+            -- locked first.
+            v_early := v_usage AND EXISTS (
+                SELECT 1 FROM unnest(v_group.calls) AS u(k)
+                JOIN reservations r ON r.id = p_id[u.k]
+                WHERE p_usage[u.k] IS NOT NULL AND p_charged[u.k] > r.amount);
+            IF v_early THEN
+                SELECT * INTO v_acct FROM accounts a WHERE a.org_id = v_group.org_id
+                    AND a.token_type = v_group.token_type FOR UPDATE;
+            ELSE
+                SELECT * INTO v_acct FROM accounts a WHERE a.org_id = v_group.org_id
+                    AND a.token_type = v_group.token_type;
             END IF;
-            IF NOT v_have OR v_acct.org_id <> rec.org_id
-                    OR v_acct.token_type <> rec.token_type THEN
-                IF v_have THEN
-                    PERFORM gw_settle_write(v_acct, p_id, p_outcome, p_now, p_actor, p_usage,
-                        q_k, q_charged, q_unbilled, q_a, q_p, q_reason, l_k, l_amount,
-                        l_reason);
-                    q_k := '{}'; q_charged := '{}'; q_unbilled := '{}'; q_a := '{}';
-                    q_p := '{}'; q_reason := '{}'; l_k := '{}'; l_amount := '{}';
-                    l_reason := '{}';
+            v_seen := v_acct;
+            q_k := '{}'; q_charged := '{}'; q_unbilled := '{}'; q_a := '{}'; q_p := '{}';
+            q_reason := '{}'; l_k := '{}'; l_amount := '{}'; l_reason := '{}'; g_k := '{}';
+            FOR rec IN
+                SELECT u.k, r.* FROM unnest(v_group.calls) AS u(k)
+                JOIN reservations r ON r.id = p_id[u.k]
+                ORDER BY u.k
+            LOOP
+                k := rec.k;
+                r_token_type[k] := rec.token_type;
+                r_org[k] := rec.org_id;
+                IF rec.state <> 'held' THEN
+                    r_status[k] := 'already_' || rec.state;
+                    r_charged[k] := coalesce(rec.charged, 0);
+                    r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
+                    r_allocated[k] := v_acct.allocated;
+                    r_period_start[k] := v_acct.period_start;
+                    r_unbilled[k] := rec.unbilled;
+                    g_k := g_k || k;
+                    CONTINUE;
                 END IF;
-                SELECT * INTO v_acct FROM accounts a
-                    WHERE a.org_id = rec.org_id AND a.token_type = rec.token_type FOR UPDATE;
-                v_have := true;
-            END IF;
-            r_token_type[k] := rec.token_type;
-            r_org[k] := rec.org_id;
-            IF rec.state <> 'held' THEN
-                r_status[k] := 'already_' || rec.state; r_charged[k] := coalesce(rec.charged, 0);
+                v_charged := CASE WHEN p_outcome[k] = 'commit'
+                                  THEN coalesce(p_charged[k], rec.amount) ELSE 0 END;
+                IF v_charged < 0 OR (v_charged > rec.amount AND p_usage[k] IS NULL) THEN
+                    r_status[k] := 'exceeds_amount'; r_charged[k] := v_charged;
+                    r_allowance[k] := 0; r_purchased[k] := 0; r_allocated[k] := 0;
+                    r_unbilled[k] := 0;
+                    CONTINUE;
+                END IF;
+                -- gw_settle's arithmetic, on the balance carried in memory.
+                v_excess := greatest(v_charged - rec.amount, 0);
+                v_charged := v_charged - v_excess;
+                v_charged_a := least(rec.from_allowance, v_charged);
+                v_release_a := rec.from_allowance - v_charged_a;
+                v_release_p := rec.from_purchased - (v_charged - v_charged_a);
+                v_lapse := 0; v_paid_off := 0; v_take_a := 0; v_take_p := 0; v_unbilled := 0;
+                IF v_acct.period_start <> rec.period_start THEN
+                    v_lapse := v_release_a;
+                ELSE
+                    v_paid_off := least(v_release_a, v_acct.overdrawn);
+                END IF;
+                IF v_excess > 0 THEN
+                    v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
+                    v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
+                    v_unbilled := v_excess - v_take_a - v_take_p;
+                    v_charged := v_charged + v_take_a + v_take_p;
+                END IF;
+                v_acct.allowance := v_acct.allowance + v_release_a - v_lapse - v_paid_off
+                    - v_take_a;
+                v_acct.overdrawn := v_acct.overdrawn - v_paid_off;
+                v_acct.purchased := v_acct.purchased + v_release_p - v_take_p;
+                v_acct.reserved := v_acct.reserved - rec.amount;
+                q_k := q_k || k;
+                q_charged := q_charged || v_charged;
+                q_unbilled := q_unbilled || v_unbilled;
+                q_a := q_a || (v_release_a - v_take_a);
+                q_p := q_p || (v_release_p - v_take_p);
+                q_reason := q_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
+                    'usage above the hold of %s: %s more taken from the balance, %s unbilled',
+                    rec.amount, v_take_a + v_take_p, v_unbilled) END);
+                IF v_lapse > 0 THEN
+                    l_k := l_k || k; l_amount := l_amount || v_lapse;
+                    l_reason := l_reason
+                        || ('released allowance of the period that started ' || rec.period_start);
+                END IF;
+                IF v_paid_off > 0 THEN
+                    l_k := l_k || k; l_amount := l_amount || v_paid_off;
+                    l_reason := l_reason || 'released allowance beyond what the plan now '
+                        'allocates this period'::text;
+                END IF;
+                r_status[k] := 'ok'; r_charged[k] := v_charged;
                 r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
                 r_allocated[k] := v_acct.allocated; r_period_start[k] := v_acct.period_start;
-                r_unbilled[k] := rec.unbilled;
-                CONTINUE;
+                r_unbilled[k] := v_unbilled;
+                g_k := g_k || k;
+            END LOOP;
+            PERFORM gw_settle_write(v_group.org_id, v_group.token_type, p_id, p_outcome, p_now,
+                p_actor, p_usage, q_k, q_charged, q_unbilled, q_a, q_p, q_reason, l_k,
+                l_amount, l_reason);
+            IF NOT v_early THEN
+                SELECT * INTO v_locked FROM accounts a WHERE a.org_id = v_group.org_id
+                    AND a.token_type = v_group.token_type FOR UPDATE;
+                IF v_locked.period_start <> v_seen.period_start
+                        OR v_locked.overdrawn <> v_seen.overdrawn THEN
+                    RAISE EXCEPTION 'settle batch: account %/% changed period or overdraft',
+                        v_group.org_id, v_group.token_type
+                        USING ERRCODE = 'serialization_failure';
+                END IF;
+                -- What other transactions moved meanwhile, added to every answer.
+                v_moved_a := v_locked.allowance - v_seen.allowance;
+                v_moved_p := v_locked.purchased - v_seen.purchased;
+                v_acct.allowance := v_acct.allowance + v_moved_a;
+                v_acct.purchased := v_acct.purchased + v_moved_p;
+                v_acct.reserved := v_acct.reserved + v_locked.reserved - v_seen.reserved;
+                v_acct.allocated := v_locked.allocated;
+                IF v_moved_a <> 0 OR v_moved_p <> 0 OR v_locked.allocated <> v_seen.allocated THEN
+                    FOREACH k IN ARRAY g_k LOOP
+                        r_allowance[k] := r_allowance[k] + v_moved_a;
+                        r_purchased[k] := r_purchased[k] + v_moved_p;
+                        r_allocated[k] := v_locked.allocated;
+                    END LOOP;
+                END IF;
             END IF;
-            v_charged := CASE WHEN p_outcome[k] = 'commit'
-                              THEN coalesce(p_charged[k], rec.amount) ELSE 0 END;
-            IF v_charged < 0 OR (v_charged > rec.amount AND p_usage[k] IS NULL) THEN
-                r_status[k] := 'exceeds_amount'; r_charged[k] := v_charged;
-                r_allowance[k] := 0; r_purchased[k] := 0; r_allocated[k] := 0;
-                r_unbilled[k] := 0;
-                CONTINUE;
-            END IF;
-            -- gw_settle's arithmetic, on the balance carried in memory.
-            v_excess := greatest(v_charged - rec.amount, 0);
-            v_charged := v_charged - v_excess;
-            v_charged_a := least(rec.from_allowance, v_charged);
-            v_release_a := rec.from_allowance - v_charged_a;
-            v_release_p := rec.from_purchased - (v_charged - v_charged_a);
-            v_lapse := 0; v_paid_off := 0; v_take_a := 0; v_take_p := 0; v_unbilled := 0;
-            IF v_acct.period_start <> rec.period_start THEN
-                v_lapse := v_release_a;
-            ELSE
-                v_paid_off := least(v_release_a, v_acct.overdrawn);
-            END IF;
-            IF v_excess > 0 THEN
-                v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
-                v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
-                v_unbilled := v_excess - v_take_a - v_take_p;
-                v_charged := v_charged + v_take_a + v_take_p;
-            END IF;
-            v_acct.allowance := v_acct.allowance + v_release_a - v_lapse - v_paid_off - v_take_a;
-            v_acct.overdrawn := v_acct.overdrawn - v_paid_off;
-            v_acct.purchased := v_acct.purchased + v_release_p - v_take_p;
-            v_acct.reserved := v_acct.reserved - rec.amount;
-            q_k := q_k || k;
-            q_charged := q_charged || v_charged;
-            q_unbilled := q_unbilled || v_unbilled;
-            q_a := q_a || (v_release_a - v_take_a);
-            q_p := q_p || (v_release_p - v_take_p);
-            q_reason := q_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
-                'usage above the hold of %s: %s more taken from the balance, %s unbilled',
-                rec.amount, v_take_a + v_take_p, v_unbilled) END);
-            IF v_lapse > 0 THEN
-                l_k := l_k || k; l_amount := l_amount || v_lapse;
-                l_reason := l_reason
-                    || ('released allowance of the period that started ' || rec.period_start);
-            END IF;
-            IF v_paid_off > 0 THEN
-                l_k := l_k || k; l_amount := l_amount || v_paid_off;
-                l_reason := l_reason
-                    || 'released allowance beyond what the plan now allocates this period'::text;
-            END IF;
-            r_status[k] := 'ok'; r_charged[k] := v_charged;
-            r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
-            r_allocated[k] := v_acct.allocated; r_period_start[k] := v_acct.period_start;
-            r_unbilled[k] := v_unbilled;
+            UPDATE accounts a SET allowance = v_acct.allowance, overdrawn = v_acct.overdrawn,
+                    purchased = v_acct.purchased, reserved = v_acct.reserved
+                WHERE a.org_id = v_group.org_id AND a.token_type = v_group.token_type;
         END LOOP;
-        IF v_have THEN
-            PERFORM gw_settle_write(v_acct, p_id, p_outcome, p_now, p_actor, p_usage, q_k,
-                q_charged, q_unbilled, q_a, q_p, q_reason, l_k, l_amount, l_reason);
-        END IF;
+        FOR k IN 1..n LOOP  -- in no group: unknown, or another organization's or source's
+            IF r_status[k] IS NULL THEN
+                r_status[k] := 'not_found'; r_charged[k] := 0; r_allowance[k] := 0;
+                r_purchased[k] := 0; r_allocated[k] := 0; r_unbilled[k] := 0;
+            END IF;
+        END LOOP;
     END IF;
     IF 'commit' = ANY (p_outcome) THEN
         PERFORM set_config('synchronous_commit', v_flush, true);
@@ -371,23 +425,19 @@ BEGIN
 END
 $$;
 
--- The rows of one account's settlements (calls q_k of the batch's arrays p_*): its balance
--- (carried under its lock by the caller), the reservations' new states and the journal
--- rows, each settlement's followed by those of the allowance it let lapse (l_k), one
--- statement each.
+-- The rows of one account's settlements (calls q_k of the batch's arrays p_*): the
+-- reservations' new states and the journal rows, each settlement's followed by those of
+-- the allowance it let lapse (l_k), in one statement.
 CREATE OR REPLACE FUNCTION gw_settle_write(
-    p_acct accounts, p_id uuid[], p_outcome text[], p_now timestamptz[], p_actor text[],
-    p_usage text[], q_k int[], q_charged bigint[], q_unbilled bigint[], q_a bigint[],
-    q_p bigint[], q_reason text[], l_k int[], l_amount bigint[], l_reason text[]
+    p_org text, p_token_type text, p_id uuid[], p_outcome text[], p_now timestamptz[],
+    p_actor text[], p_usage text[], q_k int[], q_charged bigint[], q_unbilled bigint[],
+    q_a bigint[], q_p bigint[], q_reason text[], l_k int[], l_amount bigint[], l_reason text[]
 ) RETURNS void LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 BEGIN
     IF coalesce(cardinality(q_k), 0) = 0 THEN
         RETURN;
     END IF;
-    UPDATE accounts a SET allowance = p_acct.allowance, overdrawn = p_acct.overdrawn,
-            purchased = p_acct.purchased, reserved = p_acct.reserved
-        WHERE a.org_id = p_acct.org_id AND a.token_type = p_acct.token_type;
     WITH settled AS (
         UPDATE reservations r SET
                 state = CASE p_outcome[u.k] WHEN 'commit' THEN 'committed'
@@ -403,8 +453,8 @@ BEGIN
     INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
             reserved_delta, reservation_id, route, user_id, actor, reason, request_id,
             unbilled)
-        SELECT p_now[x.k], p_acct.org_id, p_acct.token_type, x.kind, x.a, x.p, x.r, x.id,
-               x.route, x.usr, x.actor, x.reason, x.req, x.unbilled
+        SELECT p_now[x.k], p_org, p_token_type, x.kind, x.a, x.p, x.r, x.id, x.route, x.usr,
+               x.actor, x.reason, x.req, x.unbilled
         FROM (
             SELECT s.k, 0 AS sub, p_outcome[s.k] AS kind, s.a, s.p, -s.amount AS r, s.id,
                    s.route, s.user_id AS usr, p_actor[s.k] AS actor, s.reason,
