@@ -70,27 +70,43 @@ class Coalescer:
         self._fetch = fetch
         self._max_batch = max_batch
         self._pending: dict[str, list[_Call]] = {}
+        self._busy: set[str] = set()  # kinds with a call or a batch in flight
         self._runners: dict[str, asyncio.Task[None]] = {}
         self.batches = 0  # batches of more than one call, for tests and the benchmark
         self.calls = 0
 
     async def call(self, kind: Kind, args: tuple[Any, ...], order: tuple[str, ...] = ()) -> Any:
-        """Run one call of ``kind`` in the next batch of its kind and return its row."""
-        call = _Call(args, order)
-        self._pending.setdefault(kind.name, []).append(call)
-        runner = self._runners.get(kind.name)
-        if runner is None or runner.done():
+        """Run one call of ``kind`` in the next batch of its kind and return its row: at
+        once and alone, in the caller's own task, when none of its kind is in flight."""
+        if kind.name in self._busy:
+            call = _Call(args, order)
+            self._pending.setdefault(kind.name, []).append(call)
+            return await call.future
+        self._busy.add(kind.name)
+        self.calls += 1
+        try:
+            return (await self._fetch(kind.single, *args))[0]
+        finally:
+            self._next(kind)
+
+    def _next(self, kind: Kind) -> None:
+        """After a call or batch: the calls that arrived meanwhile go as the next batch."""
+        if self._pending.get(kind.name):
             self._runners[kind.name] = asyncio.create_task(
                 self._drain(kind), name=f"ledger-batches-{kind.name}"
             )
-        return await call.future
+        else:
+            self._busy.discard(kind.name)
 
     async def _drain(self, kind: Kind) -> None:
-        while calls := self._pending.pop(kind.name, None):
-            batch, rest = calls[: self._max_batch], calls[self._max_batch :]
-            if rest:
-                self._pending[kind.name] = rest
-            await self._run(kind, batch)
+        try:
+            while calls := self._pending.pop(kind.name, None):
+                batch, rest = calls[: self._max_batch], calls[self._max_batch :]
+                if rest:
+                    self._pending[kind.name] = rest
+                await self._run(kind, batch)
+        finally:
+            self._busy.discard(kind.name)
 
     async def _run(self, kind: Kind, batch: list[_Call]) -> None:
         self.calls += len(batch)
