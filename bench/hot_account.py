@@ -5,7 +5,7 @@ popular organization's users would; every pair is a real reservation with its ow
 rows, durable before its reserve returns. The run ends with the ledger's audit and a check
 that the balance fell by exactly the pairs counted.
 
-    .venv/bin/python bench/hot_account.py [--seconds 5] [--concurrency 64]
+    .venv/bin/python bench/hot_account.py [--seconds 5] [--concurrency 128]
         [--database-url URL]      (default: $DATABASE_URL)
 """
 
@@ -41,7 +41,7 @@ class HotAccount:
         return self.pairs / self.seconds
 
 
-async def hot_account(dsn: str, *, seconds: float = 5.0, concurrency: int = 64) -> HotAccount:
+async def hot_account(dsn: str, *, seconds: float = 5.0, concurrency: int = 128) -> HotAccount:
     """Run the hot-account load in a schema of its own (dropped afterwards)."""
     schema = f"bench_hot_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(dsn)
@@ -85,7 +85,7 @@ async def hot_account(dsn: str, *, seconds: float = 5.0, concurrency: int = 64) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"))
     args = parser.parse_args(argv)
     if not args.database_url:

@@ -616,7 +616,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds of streams measured per step, after a ramp of one stream's length",
     )
     parser.add_argument("--hot-seconds", type=float, default=5.0, metavar="S")
-    parser.add_argument("--hot-concurrency", type=positive, default=64, metavar="N")
+    parser.add_argument("--hot-concurrency", type=positive, default=128, metavar="N")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument(
         "--profile",
