@@ -225,15 +225,7 @@ DECLARE
     v_moved_a bigint;
     v_moved_p bigint;
     v_charged bigint;
-    v_charged_a bigint;
-    v_release_a bigint;
-    v_release_p bigint;
-    v_lapse bigint;
-    v_paid_off bigint;
-    v_excess bigint;
-    v_take_a bigint;
-    v_take_p bigint;
-    v_unbilled bigint;
+    v_split record;
     r_status text[] := array_fill(NULL::text, ARRAY[n]);
     r_charged bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     r_allowance bigint[] := array_fill(NULL::bigint, ARRAY[n]);
@@ -305,7 +297,7 @@ BEGIN
             q_k := '{}'; q_charged := '{}'; q_unbilled := '{}'; q_a := '{}'; q_p := '{}';
             q_reason := '{}'; l_k := '{}'; l_amount := '{}'; l_reason := '{}'; g_k := '{}';
             FOR rec IN
-                SELECT u.k, r.* FROM unnest(v_group.calls) AS u(k)
+                SELECT u.k, r.*, r AS r FROM unnest(v_group.calls) AS u(k)
                 JOIN reservations r ON r.id = p_id[u.k]
                 ORDER BY u.k
             LOOP
@@ -331,50 +323,33 @@ BEGIN
                     CONTINUE;
                 END IF;
                 -- gw_settle's arithmetic, on the balance carried in memory.
-                v_excess := greatest(v_charged - rec.amount, 0);
-                v_charged := v_charged - v_excess;
-                v_charged_a := least(rec.from_allowance, v_charged);
-                v_release_a := rec.from_allowance - v_charged_a;
-                v_release_p := rec.from_purchased - (v_charged - v_charged_a);
-                v_lapse := 0; v_paid_off := 0; v_take_a := 0; v_take_p := 0; v_unbilled := 0;
-                IF v_acct.period_start <> rec.period_start THEN
-                    v_lapse := v_release_a;
-                ELSE
-                    v_paid_off := least(v_release_a, v_acct.overdrawn);
-                END IF;
-                IF v_excess > 0 THEN
-                    v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
-                    v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
-                    v_unbilled := v_excess - v_take_a - v_take_p;
-                    v_charged := v_charged + v_take_a + v_take_p;
-                END IF;
-                v_acct.allowance := v_acct.allowance + v_release_a - v_lapse - v_paid_off
-                    - v_take_a;
-                v_acct.overdrawn := v_acct.overdrawn - v_paid_off;
-                v_acct.purchased := v_acct.purchased + v_release_p - v_take_p;
+                SELECT * INTO v_split FROM gw_settle_split(rec.r, v_acct, v_charged) x;
+                v_charged := v_split.charged;
+                v_acct.allowance := v_acct.allowance + v_split.release_a - v_split.lapse
+                    - v_split.paid_off - v_split.take_a;
+                v_acct.overdrawn := v_acct.overdrawn - v_split.paid_off;
+                v_acct.purchased := v_acct.purchased + v_split.release_p - v_split.take_p;
                 v_acct.reserved := v_acct.reserved - rec.amount;
                 q_k := q_k || k;
                 q_charged := q_charged || v_charged;
-                q_unbilled := q_unbilled || v_unbilled;
-                q_a := q_a || (v_release_a - v_take_a);
-                q_p := q_p || (v_release_p - v_take_p);
-                q_reason := q_reason || coalesce(p_reason[k], CASE WHEN v_excess > 0 THEN format(
-                    'usage above the hold of %s: %s more taken from the balance, %s unbilled',
-                    rec.amount, v_take_a + v_take_p, v_unbilled) END);
-                IF v_lapse > 0 THEN
-                    l_k := l_k || k; l_amount := l_amount || v_lapse;
+                q_unbilled := q_unbilled || v_split.unbilled;
+                q_a := q_a || (v_split.release_a - v_split.take_a);
+                q_p := q_p || (v_split.release_p - v_split.take_p);
+                q_reason := q_reason || coalesce(p_reason[k], v_split.reason);
+                IF v_split.lapse > 0 THEN
+                    l_k := l_k || k; l_amount := l_amount || v_split.lapse;
                     l_reason := l_reason
                         || ('released allowance of the period that started ' || rec.period_start);
                 END IF;
-                IF v_paid_off > 0 THEN
-                    l_k := l_k || k; l_amount := l_amount || v_paid_off;
+                IF v_split.paid_off > 0 THEN
+                    l_k := l_k || k; l_amount := l_amount || v_split.paid_off;
                     l_reason := l_reason || 'released allowance beyond what the plan now '
                         'allocates this period'::text;
                 END IF;
                 r_status[k] := 'ok'; r_charged[k] := v_charged;
                 r_allowance[k] := v_acct.allowance; r_purchased[k] := v_acct.purchased;
                 r_allocated[k] := v_acct.allocated; r_period_start[k] := v_acct.period_start;
-                r_unbilled[k] := v_unbilled;
+                r_unbilled[k] := v_split.unbilled;
                 g_k := g_k || k;
             END LOOP;
             PERFORM gw_settle_write(v_group.org_id, v_group.token_type, p_id, p_outcome, p_now,

@@ -2,6 +2,46 @@
 -- charge back.
 -- Re-applied (CREATE OR REPLACE) by every migrate, after periods.sql (see FUNCTION_FILES).
 
+-- What settling reservation p_res with a charge of p_charged (validated: at least 0, above
+-- the hold only when priced by usage) does to account p_acct: the charge is taken from the
+-- hold's allowance first; what is released goes back to its bucket, except released
+-- allowance of a period since refreshed (it lapses) or owed to an overdraft (it pays that
+-- off first); a charge above the hold is taken from the balance, allowance first, never
+-- below zero, and what it cannot cover is unbilled. gw_settle and gw_settle_many both
+-- settle through this, so that one call and a batch cannot disagree.
+CREATE OR REPLACE FUNCTION gw_settle_split(
+    p_res reservations, p_acct accounts, p_charged bigint,
+    OUT charged bigint, OUT release_a bigint, OUT release_p bigint, OUT lapse bigint,
+    OUT paid_off bigint, OUT take_a bigint, OUT take_p bigint, OUT unbilled bigint,
+    OUT excess bigint, OUT reason text
+) LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_charged_a bigint;
+BEGIN
+    excess := greatest(p_charged - p_res.amount, 0);
+    charged := p_charged - excess;
+    v_charged_a := least(p_res.from_allowance, charged);
+    release_a := p_res.from_allowance - v_charged_a;
+    release_p := p_res.from_purchased - (charged - v_charged_a);
+    lapse := 0; paid_off := 0; take_a := 0; take_p := 0; unbilled := 0;
+    IF p_acct.period_start <> p_res.period_start THEN
+        lapse := release_a;
+    ELSE
+        paid_off := least(release_a, p_acct.overdrawn);
+    END IF;
+    IF excess > 0 THEN
+        -- Nothing was released (the whole hold is charged): the rest of the charge comes
+        -- from what the account has left, and what it lacks goes unbilled.
+        take_a := least(excess, greatest(p_acct.allowance, 0));
+        take_p := least(excess - take_a, greatest(p_acct.purchased, 0));
+        unbilled := excess - take_a - take_p;
+        charged := charged + take_a + take_p;
+        reason := format('usage above the hold of %s: %s more taken from the balance, %s unbilled',
+                         p_res.amount, take_a + take_p, unbilled);
+    END IF;
+END
+$$;
+
 -- Resolve a held reservation exactly once: commit (charging p_charged and releasing the
 -- rest), refund or expire (releasing everything). The charge is taken from allowance first.
 -- Released allowance lapses when its period has since been refreshed, and pays off the
@@ -24,15 +64,7 @@ DECLARE
     v_res reservations;
     v_acct accounts;
     v_charged bigint;
-    v_charged_a bigint;
-    v_release_a bigint;
-    v_release_p bigint;
-    v_lapse bigint := 0;
-    v_paid_off bigint := 0;
-    v_excess bigint := 0;
-    v_take_a bigint := 0;
-    v_take_p bigint := 0;
-    v_unbilled bigint := 0;
+    v_split record;
 BEGIN
     -- A refund or an expiry commits without waiting for its WAL flush: one lost in a crash
     -- leaves its reservation held, and the sweeper refunds it again at its expiry. A
@@ -64,63 +96,46 @@ BEGIN
             v_res.org_id, 0::bigint, NULL::timestamptz, 0::bigint;
         RETURN;
     END IF;
-    v_excess := greatest(v_charged - v_res.amount, 0);
-    v_charged := v_charged - v_excess;
-
-    v_charged_a := least(v_res.from_allowance, v_charged);
-    v_release_a := v_res.from_allowance - v_charged_a;
-    v_release_p := v_res.from_purchased - (v_charged - v_charged_a);
-
     SELECT * INTO v_acct FROM accounts a
         WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type FOR UPDATE;
-    IF v_acct.period_start <> v_res.period_start THEN
-        v_lapse := v_release_a;
-    ELSE
-        v_paid_off := least(v_release_a, v_acct.overdrawn);
-    END IF;
-    IF v_excess > 0 THEN
-        -- Nothing was released (the whole hold is charged): the rest of the charge comes
-        -- from what the account has left, and what it lacks goes unbilled.
-        v_take_a := least(v_excess, greatest(v_acct.allowance, 0));
-        v_take_p := least(v_excess - v_take_a, greatest(v_acct.purchased, 0));
-        v_unbilled := v_excess - v_take_a - v_take_p;
-        v_charged := v_charged + v_take_a + v_take_p;
-    END IF;
+    SELECT * INTO v_split FROM gw_settle_split(v_res, v_acct, v_charged) x;
+    v_charged := v_split.charged;
 
-    UPDATE accounts a SET allowance = a.allowance + v_release_a - v_lapse - v_paid_off - v_take_a,
-            overdrawn = a.overdrawn - v_paid_off,
-            purchased = a.purchased + v_release_p - v_take_p,
+    UPDATE accounts a SET allowance = a.allowance + v_split.release_a - v_split.lapse
+                - v_split.paid_off - v_split.take_a,
+            overdrawn = a.overdrawn - v_split.paid_off,
+            purchased = a.purchased + v_split.release_p - v_split.take_p,
             reserved = a.reserved - v_res.amount
         WHERE a.org_id = v_res.org_id AND a.token_type = v_res.token_type
         RETURNING * INTO v_acct;
     UPDATE reservations r SET state = CASE p_outcome WHEN 'commit' THEN 'committed'
                 WHEN 'refund' THEN 'refunded' ELSE 'expired' END,
-            charged = v_charged, settled_at = p_now, unbilled = v_unbilled,
+            charged = v_charged, settled_at = p_now, unbilled = v_split.unbilled,
             usage = coalesce(p_usage, r.usage)
         WHERE r.id = p_id;
     INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
             reserved_delta, reservation_id, route, user_id, actor, reason, request_id,
             unbilled)
-        VALUES (p_now, v_res.org_id, v_res.token_type, p_outcome, v_release_a - v_take_a,
-            v_release_p - v_take_p, -v_res.amount, p_id, v_res.route, v_res.user_id, p_actor,
-            coalesce(p_reason, CASE WHEN v_excess > 0 THEN format(
-                'usage above the hold of %s: %s more taken from the balance, %s unbilled',
-                v_res.amount, v_take_a + v_take_p, v_unbilled) END),
-            v_res.request_id, v_unbilled);
-    IF v_lapse > 0 THEN
+        VALUES (p_now, v_res.org_id, v_res.token_type, p_outcome,
+            v_split.release_a - v_split.take_a, v_split.release_p - v_split.take_p,
+            -v_res.amount, p_id, v_res.route, v_res.user_id, p_actor,
+            coalesce(p_reason, v_split.reason),
+            v_res.request_id, v_split.unbilled);
+    IF v_split.lapse > 0 THEN
         INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, reservation_id,
                 actor, reason)
-            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_lapse, p_id, 'ledger',
+            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_split.lapse, p_id,
+                'ledger',
                 'released allowance of the period that started ' || v_res.period_start);
     END IF;
-    IF v_paid_off > 0 THEN
+    IF v_split.paid_off > 0 THEN
         INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, reservation_id,
                 actor, reason)
-            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_paid_off, p_id,
+            VALUES (p_now, v_res.org_id, v_res.token_type, 'lapse', -v_split.paid_off, p_id,
                 'ledger', 'released allowance beyond what the plan now allocates this period');
     END IF;
     RETURN QUERY SELECT 'ok', v_charged, v_acct.allowance, v_acct.purchased, v_res.token_type,
-        v_res.org_id, v_acct.allocated, v_acct.period_start, v_unbilled;
+        v_res.org_id, v_acct.allocated, v_acct.period_start, v_split.unbilled;
 END
 $$;
 
