@@ -12,38 +12,36 @@
 -- account, a period ending within the batch, a refused gate, a reservation named twice)
 -- runs through gw_reserve / gw_settle itself, in its place in the order.
 
--- The rows of reserves that passed: one INSERT each for reservations and journal, and the
--- account's one UPDATE (the caller holds its lock and carried its balance).
+-- The rows of the reserves that passed (calls p_k of the batch's arrays; p_id, p_from_a,
+-- p_from_p: their reservations and splits, by call): one INSERT each for reservations and
+-- journal, and the account's one UPDATE (the caller holds its lock and carried its balance).
 CREATE OR REPLACE FUNCTION gw_reserve_write(
-    p_org text, p_token_type text, p_period_start timestamptz, p_id uuid[],
-    p_from_allowance bigint[], p_from_purchased bigint[], p_route text[], p_user text[],
-    p_request_id text[], p_now timestamptz[], p_expires_at timestamptz[], p_metadata jsonb[],
-    p_source text[]
+    p_org text, p_token_type text, p_period_start timestamptz, p_k int[], p_id uuid[],
+    p_from_a bigint[], p_from_p bigint[], p_route text[], p_user text[], p_request_id text[],
+    p_now timestamptz[], p_ttl_seconds double precision[], p_metadata text[], p_source text[]
 ) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    IF coalesce(cardinality(p_id), 0) = 0 THEN
+    IF coalesce(cardinality(p_k), 0) = 0 THEN
         RETURN;
     END IF;
     INSERT INTO reservations (id, org_id, token_type, amount, from_allowance, from_purchased,
             period_start, route, user_id, request_id, created_at, expires_at, metadata, source)
-        SELECT u.id, p_org, p_token_type, u.a + u.p, u.a, u.p, p_period_start, u.route, u.usr,
-               u.req, u.at, u.exp, u.meta, u.src
-        FROM unnest(p_id, p_from_allowance, p_from_purchased, p_route, p_user, p_request_id,
-                    p_now, p_expires_at, p_metadata, p_source)
-             AS u(id, a, p, route, usr, req, at, exp, meta, src);
-    UPDATE accounts a SET
-            allowance = a.allowance - (SELECT sum(x) FROM unnest(p_from_allowance) x),
-            purchased = a.purchased - (SELECT sum(x) FROM unnest(p_from_purchased) x),
-            reserved = a.reserved + (SELECT sum(x) FROM unnest(p_from_allowance) x)
-                                  + (SELECT sum(x) FROM unnest(p_from_purchased) x),
-            last_used_at = (SELECT max(x) FROM unnest(p_now) x)
+        SELECT p_id[k], p_org, p_token_type, p_from_a[k] + p_from_p[k], p_from_a[k],
+               p_from_p[k], p_period_start, p_route[k], p_user[k], p_request_id[k], p_now[k],
+               p_now[k] + make_interval(secs => p_ttl_seconds[k]), p_metadata[k]::jsonb,
+               p_source[k]
+        FROM unnest(p_k) AS k;
+    UPDATE accounts a SET allowance = a.allowance - t.a, purchased = a.purchased - t.p,
+            reserved = a.reserved + t.a + t.p, last_used_at = t.at
+        FROM (SELECT sum(p_from_a[k]) AS a, sum(p_from_p[k]) AS p, max(p_now[k]) AS at
+              FROM unnest(p_k) AS k) t
         WHERE a.org_id = p_org AND a.token_type = p_token_type;
     INSERT INTO journal (at, org_id, token_type, kind, allowance_delta, purchased_delta,
             reserved_delta, reservation_id, route, user_id, actor, request_id)
-        SELECT u.at, p_org, p_token_type, 'reserve', -u.a, -u.p, u.a + u.p, u.id, u.route,
-               u.usr, u.usr, u.req
-        FROM unnest(p_id, p_from_allowance, p_from_purchased, p_route, p_user, p_request_id,
-                    p_now) WITH ORDINALITY AS u(id, a, p, route, usr, req, at, ord)
+        SELECT p_now[k], p_org, p_token_type, 'reserve', -p_from_a[k], -p_from_p[k],
+               p_from_a[k] + p_from_p[k], p_id[k], p_route[k], p_user[k], p_user[k],
+               p_request_id[k]
+        FROM unnest(p_k) WITH ORDINALITY AS u(k, ord)
         ORDER BY u.ord;
 END
 $$;
@@ -71,7 +69,6 @@ DECLARE
     v_gate_key text;
     v_key text;
     v_take_a bigint;
-    v_id uuid;
     v_row record;
     -- the answers, by call
     r_status text[] := array_fill(NULL::text, ARRAY[n]);
@@ -85,17 +82,9 @@ DECLARE
     r_allocated bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     r_license_date timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
     r_detail jsonb[] := array_fill(NULL::jsonb, ARRAY[n]);
-    -- the reserves passed and not written yet
-    q_id uuid[];
-    q_a bigint[];
-    q_p bigint[];
-    q_route text[];
-    q_user text[];
-    q_req text[];
-    q_now timestamptz[];
-    q_exp timestamptz[];
-    q_meta jsonb[];
-    q_src text[];
+    -- the calls whose reserves passed and are not written yet
+    q_k int[];
+    v_latest timestamptz;
 BEGIN
     WHILE i <= n LOOP
         j := i;
@@ -111,11 +100,11 @@ BEGIN
         IF v_common THEN
             v_acct := gw_touch_account(p_org[i], p_token_type[i],
                                        (SELECT min(x) FROM unnest(p_now[i:j]) x));
-            v_common := (SELECT max(x) FROM unnest(p_now[i:j]) x) < v_acct.period_end;
+            v_latest := (SELECT max(x) FROM unnest(p_now[i:j]) x);
+            v_common := v_latest < v_acct.period_end;
         END IF;
         v_gate_key := NULL;
-        q_id := '{}'; q_a := '{}'; q_p := '{}'; q_route := '{}'; q_user := '{}';
-        q_req := '{}'; q_now := '{}'; q_exp := '{}'; q_meta := '{}'; q_src := '{}';
+        q_k := '{}';
         FOR k IN i..j LOOP
             IF v_common AND p_idempotency_key[k] IS NULL AND p_amount[k] > 0 THEN
                 -- The gate's refusals other than the balance's do not depend on the amount
@@ -125,8 +114,7 @@ BEGIN
                 IF v_gate_key IS DISTINCT FROM v_key THEN
                     SELECT * INTO v_gate FROM gw_gate(
                         p_org[k], p_token_type[k], 0, string_to_array(p_plans[k], ','),
-                        p_user[k], (SELECT max(x) FROM unnest(p_now[i:j]) x), p_grace_days[k],
-                        p_degrade_after_days[k]) g;
+                        p_user[k], v_latest, p_grace_days[k], p_degrade_after_days[k]) g;
                     v_gate_key := v_key;
                 END IF;
                 IF v_gate.status = 'ok' THEN
@@ -138,19 +126,9 @@ BEGIN
                         v_take_a := least(v_acct.allowance, p_amount[k]);
                         v_acct.allowance := v_acct.allowance - v_take_a;
                         v_acct.purchased := v_acct.purchased - (p_amount[k] - v_take_a);
-                        v_id := gen_random_uuid();
-                        q_id := q_id || v_id;
-                        q_a := q_a || v_take_a;
-                        q_p := q_p || (p_amount[k] - v_take_a);
-                        q_route := q_route || p_route[k];
-                        q_user := q_user || p_user[k];
-                        q_req := q_req || p_request_id[k];
-                        q_now := q_now || p_now[k];
-                        q_exp := q_exp || (p_now[k] + make_interval(secs => p_ttl_seconds[k]));
-                        q_meta := q_meta || p_metadata[k]::jsonb;
-                        q_src := q_src || p_source[k];
+                        q_k := q_k || k;
                         r_status[k] := 'ok';
-                        r_id[k] := v_id;
+                        r_id[k] := gen_random_uuid();
                         r_from_a[k] := v_take_a;
                         r_from_p[k] := p_amount[k] - v_take_a;
                     END IF;
@@ -163,10 +141,10 @@ BEGIN
                 END IF;
             END IF;
             -- Not the common path: write what passed so far, then gw_reserve itself.
-            PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_id,
-                q_a, q_p, q_route, q_user, q_req, q_now, q_exp, q_meta, q_src);
-            q_id := '{}'; q_a := '{}'; q_p := '{}'; q_route := '{}'; q_user := '{}';
-            q_req := '{}'; q_now := '{}'; q_exp := '{}'; q_meta := '{}'; q_src := '{}';
+            PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_k, r_id,
+                r_from_a, r_from_p, p_route, p_user, p_request_id, p_now, p_ttl_seconds,
+                p_metadata, p_source);
+            q_k := '{}';
             SELECT * INTO v_row FROM gw_reserve(p_org[k], p_token_type[k], p_amount[k],
                 string_to_array(p_plans[k], ','), p_route[k], p_user[k], p_request_id[k],
                 p_idempotency_key[k], p_ttl_seconds[k], p_now[k], p_metadata[k]::jsonb,
@@ -187,8 +165,9 @@ BEGIN
                     WHERE a.org_id = p_org[i] AND a.token_type = p_token_type[i];
             END IF;
         END LOOP;
-        PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_id, q_a,
-            q_p, q_route, q_user, q_req, q_now, q_exp, q_meta, q_src);
+        PERFORM gw_reserve_write(p_org[i], p_token_type[i], v_acct.period_start, q_k, r_id,
+            r_from_a, r_from_p, p_route, p_user, p_request_id, p_now, p_ttl_seconds,
+            p_metadata, p_source);
         i := j + 1;
     END LOOP;
     RETURN QUERY SELECT * FROM unnest(r_status, r_id, r_from_a, r_from_p, r_allowance,
