@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -297,6 +298,25 @@ async def listening(
     finally:
         listener.close()
         await runner.cleanup()
+
+
+# The garbage collector's thresholds while serving (CPython's default: 700, 10, 10).
+GC_THRESHOLDS = (20_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Fewer and shorter collector pauses on the request path, once serving has started.
+
+    The objects made at startup (modules, rules, pools, the app) are frozen out of every
+    collection, and the youngest generation is collected after 20,000 net allocations
+    instead of 700. A request leaves almost no cyclic garbage (its objects are freed by
+    reference counting; a collection under load frees next to nothing), while each
+    collection stops the event loop: with the defaults, a full collection of the heap
+    stalled every request for 50-90 ms under 400 streams, and younger ones for 3-13 ms
+    several times a second."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -23,6 +23,7 @@ from gateway.runtime import (
     open_ledger,
     open_limiter,
     run_async,
+    tune_gc,
     wait_for_signal,
 )
 from gateway.settings import Settings, parse_seconds
@@ -126,6 +127,7 @@ async def serve(
                 rules.version,
                 len(rules.routes),
             )
+            tune_gc()
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
             )

@@ -4,13 +4,14 @@ the rules is built (or refused) in one place."""
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import ConfigError
 from gateway.rules import parse_rules
-from gateway.runtime import check_serving
+from gateway.runtime import GC_THRESHOLDS, check_serving, tune_gc
 
 PACKAGE = Path(__file__).parent.parent / "gateway"
 
@@ -100,3 +101,21 @@ async def test_check_serving_needs_the_secret_serve_needs() -> None:
         "auth.secret_env: environment variable GATEWAY_JWT_SECRET is not set"
     ]
     await check_serving(rules, {"GATEWAY_JWT_SECRET": "s" * 32})
+
+
+def test_serving_freezes_the_startup_heap_and_collects_less_often() -> None:
+    thresholds = gc.get_threshold()
+    try:
+        tune_gc()
+        # Everything alive now (this process's modules, the test session) is out of
+        # every later collection; young objects are collected after 20,000 allocations.
+        assert gc.get_freeze_count() > 10_000
+        assert gc.get_threshold() == GC_THRESHOLDS == (20_000, 20, 100)
+        # Cyclic garbage made afterwards is still collected.
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
