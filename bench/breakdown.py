@@ -23,6 +23,7 @@ PHASES = (
     ("ledger commit", "gateway_ledger_duration_seconds", 'operation="commit"'),
 )
 WHOLE = "gateway_request_duration_seconds"
+GC = "gateway_gc_pause_seconds"
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
 
 Totals = dict[tuple[str, str], float]  # (metric name, labels) -> value
@@ -67,6 +68,8 @@ class Breakdown:
     requests: int
     whole_ms: float
     phases: dict[str, float]
+    gc_pauses: int = 0  # the collector's pauses meanwhile: each one stops every request
+    gc_ms: float = 0.0  # their length, in all
 
     @property
     def own_ms(self) -> float:
@@ -82,7 +85,8 @@ def breakdown(before: Totals, after: Totals) -> Breakdown:
     for phase, name, labels in PHASES:
         spent, _ = _delta(before, after, name, labels)
         phases[phase] = 1e3 * spent / count
-    return Breakdown(int(count), 1e3 * seconds / count, phases)
+    gc_seconds, gc_pauses = _delta(before, after, GC, "")
+    return Breakdown(int(count), 1e3 * seconds / count, phases, int(gc_pauses), 1e3 * gc_seconds)
 
 
 def breakdown_lines(breakdowns: Mapping[str, Breakdown]) -> list[str]:
@@ -107,5 +111,12 @@ def breakdown_lines(breakdowns: Mapping[str, Breakdown]) -> list[str]:
     )
     lines.append(
         f"{'requests observed':<34}" + "".join(f"{breakdowns[n].requests:>16}" for n in names)
+    )
+    lines.append(
+        f"{'collector pauses (all requests)':<34}"
+        + "".join(f"{breakdowns[n].gc_pauses:>16}" for n in names)
+    )
+    lines.append(
+        f"{'  ms paused, in all':<34}" + "".join(f"{breakdowns[n].gc_ms:>16.1f}" for n in names)
     )
     return lines

@@ -219,7 +219,8 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     # Spend for spike detection is counted in memory and added to Redis once a second,
     # off the request path (an alert is at most a second late).
     async with state.limiter.flushing_spend(state.alert):
-        yield
+        with state.metrics.gc_pauses():
+            yield
         # Let every forwarded request settle before the connections it needs go away.
         if state.inflight:
             deadline = max((r.upstream.timeout_seconds for r in state.rules.routes), default=30)

@@ -7,7 +7,12 @@ on any worker reports the sum over all of them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import time
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -100,12 +105,38 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "gateway_gc_pause_seconds",
+            "Garbage-collector pauses (each stops every request of the process), by generation",
+            ["generation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_in_flight",
             "Requests being forwarded now",
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    @contextlib.contextmanager
+    def gc_pauses(self) -> Iterator[None]:
+        """Within: each garbage collection's pause is observed in ``gc_pause_seconds``."""
+        started = 0.0
+
+        def observe(phase: str, info: dict[str, Any]) -> None:
+            nonlocal started
+            if phase == "start":
+                started = time.perf_counter()
+            else:
+                pause = time.perf_counter() - started
+                self.gc_pause_seconds.labels(str(info["generation"])).observe(pause)
+
+        gc.callbacks.append(observe)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(observe)
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -387,6 +387,10 @@ gateway_ledger_duration_seconds_sum{operation="commit"} 0.3
 gateway_ledger_duration_seconds_sum{operation="refund"} 5.0
 gateway_redis_duration_seconds_sum 0.11
 gateway_upstream_duration_seconds_sum{upstream="ai_backend"} 0.8
+gateway_gc_pause_seconds_count{generation="0"} 40.0
+gateway_gc_pause_seconds_sum{generation="0"} 0.012
+gateway_gc_pause_seconds_count{generation="2"} 1.0
+gateway_gc_pause_seconds_sum{generation="2"} 0.0605
 """
 
 
@@ -405,6 +409,7 @@ def test_the_gateways_histograms_break_a_request_down() -> None:
          "ledger commit": 1.5}
     )  # fmt: skip
     assert found.own_ms == pytest.approx(3.0)
+    assert (found.gc_pauses, found.gc_ms) == (41, pytest.approx(72.5))
     assert math.isnan(breakdown({}, {}).whole_ms)
     assert breakdown_lines({"c=1": found}) == [
         "where a gateway request's time goes: mean ms per request, from its /metrics",
@@ -416,5 +421,7 @@ def test_the_gateways_histograms_break_a_request_down() -> None:
         "own work and waits for a CPU                  3.00",
         "whole request, until settled                 10.00",
         "requests observed                              200",
+        "collector pauses (all requests)                 41",
+        "  ms paused, in all                           72.5",
     ]
     assert breakdown_lines({}) == []

@@ -4,6 +4,7 @@ graceful SIGTERM, against real PostgreSQL, Redis and local upstreams."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -304,6 +305,12 @@ async def test_metrics_after_a_scripted_run(gateway: object) -> None:
     assert m[("gateway_ledger_duration_seconds_count", (("operation", "reserve"),))] == 5
     assert m[("gateway_upstream_duration_seconds_count", (("upstream", "backend"),))] == 4
     assert m[("gateway_redis_duration_seconds_count", ())] == 5
+    # The collector's pauses stop every request: each one is observed while serving.
+    pauses = ("gateway_gc_pause_seconds_count", (("generation", "2"),))
+    before = m.get(pauses, 0)
+    gc.collect()
+    m = parse_metrics(await (await client.get("/metrics")).text())
+    assert m[pauses] == before + 1
 
 
 async def test_readiness_follows_the_stores(
