@@ -11,6 +11,7 @@ import pytest
 
 from gateway.errors import LedgerError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.rules import Rules
 from tests.relay import Relay
 
 
@@ -158,3 +159,31 @@ async def test_a_refund_does_not_wait_for_its_flush_and_a_commit_does(
         await conn.close()
     accounts = {a.token_type: a for a in await ledger.balances("hot")}
     assert (accounts["general"].available, accounts["general"].reserved) == (97, 0)
+
+
+async def test_a_query_answers_before_its_connection_is_back_and_the_pool_gets_it_back(
+    database_url: str, schema: str, rules: Rules
+) -> None:
+    # asyncpg's own release runs in a task of its own and its caller waits for it: one
+    # more turn of a busy event loop per query. The caller has its rows first now.
+    ledger = await Ledger.connect(database_url, schema=schema, min_size=1, max_size=1)
+    try:
+        await ledger.migrate()
+        await ledger.sync_plans(rules.plan_allowances())
+        await ledger.create_org("solo", "pro")
+        pool = ledger._pool
+        for _ in range(10):  # the last call's connection, coming back
+            await asyncio.sleep(0)
+        assert pool.get_idle_size() == 1
+        balances = await ledger.balances("solo")
+        assert pool.get_idle_size() == 0  # answered; the connection goes back next turn
+        assert {b.token_type: b.available for b in balances}["general"] == 100
+        # The one connection comes back: concurrent calls queue for it and all answer.
+        outcomes = await asyncio.gather(
+            *(ledger.reserve("solo", "general", 1, ttl_seconds=60, user=f"u{n}") for n in range(30))
+        )
+        assert [o.status for o in outcomes] == ["ok"] * 30
+        await ledger.balances("solo")
+    finally:
+        await ledger.close()  # waits for the last release: no connection left behind
+    assert pool.get_size() == 0 and pool.get_idle_size() == 0
