@@ -3,8 +3,8 @@
 The invariant this module keeps: nothing is forwarded without a held reservation, and
 every held reservation is settled exactly once by the upstream's outcome (2xx read to the
 end commits; anything else refunds), whatever the client does meanwhile. Forwarding and
-settlement run in their own task, shielded from the client's handler being cancelled when
-it hangs up; the app waits for these tasks at shutdown.
+settlement run in their own task, which the client's handler being cancelled (when it hangs
+up) does not cancel; the app waits for these tasks at shutdown.
 """
 
 from __future__ import annotations
@@ -161,11 +161,37 @@ async def _duplicate(state: GatewayState, reservation_id: uuid.UUID | None) -> D
 
 
 async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamResponse:
-    task = asyncio.create_task(exchange.run(state), name=f"exchange-{exchange.request_id}")
+    # If the client hangs up and this handler is cancelled, only its wait for the answer
+    # is: the exchange goes on in its own task. The exchange hands its answer over itself,
+    # so that the handler (and the next request on a kept-alive connection) resumes one
+    # turn of the event loop after the exchange ends, not two as through asyncio.shield.
+    answer: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        _exchange(state, exchange, answer), name=f"exchange-{exchange.request_id}"
+    )
     state.inflight.add(task)
     task.add_done_callback(state.inflight.discard)
-    # If the client hangs up and this handler is cancelled, the exchange goes on.
-    return await asyncio.shield(task)
+    return await answer
+
+
+async def _exchange(
+    state: GatewayState, exchange: Exchange, answer: asyncio.Future[web.StreamResponse]
+) -> None:
+    try:
+        response = await exchange.run(state)
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except BaseException as exc:
+        if not answer.done():
+            answer.set_exception(exc)
+        elif isinstance(exc, Exception) and not isinstance(exc, GatewayError):
+            log.exception("exchange %s failed after its client had gone", exchange.request_id)
+        if not isinstance(exc, Exception):
+            raise
+        return
+    if not answer.done():
+        answer.set_result(response)
 
 
 async def _shadow(

@@ -45,7 +45,7 @@ class GatewayState:
     metrics: Metrics
     thresholds: Thresholds
     environ: Mapping[str, str] = field(default_factory=dict)
-    inflight: set[asyncio.Task[web.StreamResponse]] = field(default_factory=set)
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
     last_reload: dict[str, Any] = field(default_factory=dict)
     retiring: set[asyncio.Task[None]] = field(default_factory=set)
     _plans: dict[str, tuple[float, str | None]] = field(default_factory=dict)

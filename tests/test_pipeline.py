@@ -562,3 +562,57 @@ async def test_a_client_that_stalls_is_dropped_and_the_answer_still_charged(
         assert await ledger.expire_overdue() == 0
     finally:
         await client.close()
+
+
+class _Exchange:
+    """Stands in for an ``Exchange``: its ``run`` answers ``outcome`` after a while."""
+
+    def __init__(self, outcome: object) -> None:
+        self.request_id = "r1"
+        self.outcome = outcome
+        self.ended_at_turn: int | None = None
+        self.turns = 0
+
+    async def count_turns(self) -> None:
+        while True:
+            self.turns += 1
+            await asyncio.sleep(0)
+
+    async def run(self, state: object) -> object:
+        await asyncio.sleep(0.01)
+        self.ended_at_turn = self.turns
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+async def test_the_handler_has_the_exchanges_answer_one_turn_after_it_ends() -> None:
+    from types import SimpleNamespace
+
+    from gateway.pipeline import _run_shielded
+
+    state: Any = SimpleNamespace(inflight=set())
+    answer = object()
+    exchange: Any = _Exchange(answer)
+    counter = asyncio.create_task(exchange.count_turns())
+    try:
+        assert await _run_shielded(state, exchange) is answer
+        # asyncio.shield took two turns of the event loop here, under load milliseconds.
+        assert exchange.turns - exchange.ended_at_turn == 1
+        # Its error reaches the handler (and so the problems middleware) as it was.
+        with pytest.raises(RuntimeError, match="upstream gone"):
+            await _run_shielded(state, _Exchange(RuntimeError("upstream gone")))  # type: ignore[arg-type]
+        # A handler cancelled (its client hung up) leaves the exchange running to its end.
+        slow: Any = _Exchange(answer)
+        handler = asyncio.create_task(_run_shielded(state, slow))
+        await asyncio.sleep(0)
+        assert len(state.inflight) == 1
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        (task,) = state.inflight
+        await task
+        assert slow.ended_at_turn is not None and not task.cancelled()
+        assert state.inflight == set()
+    finally:
+        counter.cancel()
