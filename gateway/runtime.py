@@ -41,7 +41,7 @@ from gateway.ledger.seam import refusal
 from gateway.limits.limiter import Limiter
 from gateway.proxy import new_session
 from gateway.rules import Rules
-from gateway.settings import HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, Settings
+from gateway.settings import HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, SUPERVISOR_PID, Settings
 from gateway.state import Active
 
 log = logging.getLogger("gateway.runtime")
@@ -342,23 +342,32 @@ def die_with_parent() -> None:
         log.warning("cannot ask to be stopped with the supervisor; polling for it instead")
 
 
-async def wait_for_signal(*, orphan_check: bool = False) -> None:
-    """Until SIGINT or SIGTERM; with ``orphan_check`` (a worker of ``serve --workers``),
-    also until the supervisor is gone, so that no worker outlives it."""
+def supervisor_pid() -> int:
+    """The pid of this worker's supervisor (``GATEWAY_SUPERVISOR_PID``, set by ``serve
+    --workers``; else the parent). Not getppid() alone: a supervisor that dies while its
+    worker is still starting would leave the worker reading the parent it was reparented
+    to, and outliving its supervisor."""
+    value = os.environ.get(SUPERVISOR_PID, "")
+    return int(value) if value.isdigit() else os.getppid()
+
+
+async def wait_for_signal(*, supervisor: int | None = None) -> None:
+    """Until SIGINT or SIGTERM; with ``supervisor`` (the pid a worker of ``serve
+    --workers`` was started by), also until that supervisor is gone, so that no worker
+    outlives it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
 
-    async def watch_parent() -> None:
+    async def watch_parent(parent: int) -> None:
         # Polling: nothing signals a parent's death portably.
         while os.getppid() == parent:  # noqa: ASYNC110
             await asyncio.sleep(1)
         log.error("the supervisor (pid %d) is gone; shutting down", parent)
         stop.set()
 
-    watcher = asyncio.create_task(watch_parent()) if orphan_check else None
+    watcher = asyncio.create_task(watch_parent(supervisor)) if supervisor is not None else None
     try:
         await stop.wait()
     finally:

@@ -23,6 +23,7 @@ from gateway.runtime import (
     open_ledger,
     open_limiter,
     run_async,
+    supervisor_pid,
     tune_gc,
     wait_for_signal,
 )
@@ -97,10 +98,11 @@ async def serve(
     the rules on SIGHUP; 0 once stopped, 1 when a worker's supervisor is already gone."""
     for problem in rules.margin_problems():
         log.warning("pricing check: %s", problem)
-    if reuse_port:  # a worker of serve --workers
-        parent = os.getppid()
+    supervisor = supervisor_pid() if reuse_port else None  # a worker of serve --workers
+    if supervisor is not None:
         die_with_parent()
-        if os.getppid() != parent:  # it died before we asked
+        if os.getppid() != supervisor:  # it died before we could ask
+            log.error("the supervisor (pid %d) is gone; not starting", supervisor)
             return 1
     # What the rules make must load before any store is opened: a bad key file is
     # reported as such, not after (or as) a database error.
@@ -131,6 +133,6 @@ async def serve(
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: asyncio.ensure_future(reload_rules(app, rules_path))
             )
-            await wait_for_signal(orphan_check=reuse_port)
+            await wait_for_signal(supervisor=supervisor)
             log.info("shutting down: finishing in-flight requests")
     return 0

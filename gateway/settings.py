@@ -13,6 +13,8 @@ from typing import Literal
 
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers
 KEEPALIVE_TIMEOUT = 15.0  # seconds an idle kept-alive connection stays open
+# Set by ``serve --workers`` for each worker: the pid of the supervisor it must not outlive.
+SUPERVISOR_PID = "GATEWAY_SUPERVISOR_PID"
 # Connections to PostgreSQL per gateway process (each worker of `serve --workers` is one):
 # opened at start, and the most it may hold. Every process of every replica may hold the
 # most at once, so workers x replicas x DB_POOL_MAX must fit what the server (or PgBouncer)

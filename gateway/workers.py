@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.embedded import start_postgres, start_valkey
-from gateway.settings import Settings
+from gateway.settings import SUPERVISOR_PID, Settings
 
 log = logging.getLogger("gateway.workers")
 
@@ -48,6 +48,7 @@ def _supervise(
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    env[SUPERVISOR_PID] = str(os.getpid())
     command = [
         sys.executable,
         "-m",

@@ -458,6 +458,44 @@ async def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_held(
     assert Counter(e["level"] for e in lines)["error"] == 0
 
 
+async def test_a_worker_whose_supervisor_died_while_it_started_does_not_serve(
+    tmp_path: Path, database_url: str, redis_url: str, schema: str, upstream: tuple[Upstream, str]
+) -> None:
+    # A supervisor that dies before its worker has asked to be stopped with it: the worker
+    # has been reparented, and must not take its new parent for its supervisor.
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(rules_text(upstream[1]))
+    env = process_env(
+        database_url, redis_url, schema, rules_file, GATEWAY_SUPERVISOR_PID=str(gone.pid)
+    )
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        "--workers",
+        "1",
+        "--reuse-port",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        env=env,
+        cwd=REPO,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(worker.communicate(), timeout=30)
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+    assert worker.returncode == 1
+    assert f"the supervisor (pid {gone.pid}) is gone; not starting" in err.decode()
+
+
 async def test_workers_share_the_port_and_metrics_and_die_with_their_supervisor(
     tmp_path: Path,
     database_url: str,
