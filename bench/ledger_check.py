@@ -42,6 +42,16 @@ class JournalSummary:
     kinds: dict[str, int]
     refund_reasons: dict[str, int]  # most frequent first; '' when none was recorded
 
+    @property
+    def lease_returns(self) -> int:
+        """Refunds of holds made ahead and never drawn (ledger.leases): no request's."""
+        return sum(n for reason, n in self.refund_reasons.items() if reason.startswith("lease: "))
+
+    @property
+    def refunds(self) -> int:
+        """Refunds of requests: the rest."""
+        return self.kinds.get("refund", 0) - self.lease_returns
+
 
 def summarize_journal(entries: Iterable[Mapping[str, Any]], token_type: str) -> JournalSummary:
     """Count ``entries`` (journal rows as ``Ledger.journal`` returns them) of ``token_type``."""
@@ -179,7 +189,7 @@ def judge(
         ok_responses=load.ok,
         balance_drop=drop,
         commits=journal.kinds.get("commit", 0),
-        refunds=journal.kinds.get("refund", 0),
+        refunds=journal.refunds,
         expires=journal.kinds.get("expire", 0),
         held_after=after.held,
         exact=load.generator == "python",
@@ -260,7 +270,7 @@ def judge_run(
         prices=dict(prices),
         balance_drop=before.available - after.available,
         commits=journal.kinds.get("commit", 0),
-        refunds=journal.kinds.get("refund", 0),
+        refunds=journal.refunds,
         expires=journal.kinds.get("expire", 0),
         held_after=after.held,
         violations=violations,

@@ -1,7 +1,8 @@
 """The rules the gateway runs with during a benchmark: the given rules with the bench's two
 routes put first (a fixed-cost and a usage-priced chat completion, so that the run does not
-depend on how rules.yaml prices /v1/chat/completions today) and their ``limits`` adjusted by
-``--limits`` so that one user's load is (or is not) refused."""
+depend on how rules.yaml prices /v1/chat/completions today), their ``limits`` adjusted by
+``--limits`` so that one user's load is (or is not) refused, and ``ledger.leases`` set by
+``--leases``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,31 @@ LIMITS_MODES = {
     "off": "every limit off (no Redis round trip): the cost of metering alone",
     "rules": "rules.yaml as it is: its per-user limits refuse a load test within seconds",
 }
+
+
+# --leases on: what ledger.leases becomes (rules.yaml's own, where it sets them).
+BENCH_LEASES: dict[str, Any] = {"seconds": 1, "max_holds": 64}
+LEASES_MODES = {
+    "on": "ledger.leases on (rules.yaml's, else seconds 1 and max_holds 64): a busy caller "
+    "draws holds made ahead, and its charge commits just after its answer",
+    "off": "ledger.leases off: every request reserves on its own path and commits before "
+    "its answer's last byte",
+    "rules": "ledger.leases as rules.yaml says",
+}
+
+
+def adjust_leases(doc: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``doc`` (changed in place and returned) with ``ledger.leases`` set by ``mode``, one
+    of LEASES_MODES."""
+    if mode == "rules":
+        return doc
+    ledger = dict(doc.get("ledger") or {})
+    if mode == "on":
+        ledger["leases"] = ledger.get("leases") or dict(BENCH_LEASES)
+    else:
+        ledger.pop("leases", None)
+    doc["ledger"] = ledger
+    return doc
 
 
 def _rates(value: object) -> list[dict[str, Any]]:
@@ -112,10 +138,11 @@ def add_bench_routes(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def bench_rules(source: Path, mode: str, dest: Path) -> Path:
+def bench_rules(source: Path, mode: str, dest: Path, leases: str = "rules") -> Path:
     """The rules file the gateway runs with, written at ``dest``: ``source`` with the
     bench's routes (``add_bench_routes``), its limits adjusted unless ``mode`` is ``rules``,
-    and a relative ``public_key_file`` made absolute, since the copy lives elsewhere."""
+    its leases set by ``leases`` (``adjust_leases``), and a relative ``public_key_file``
+    made absolute, since the copy lives elsewhere."""
     import yaml
 
     doc = yaml.safe_load(source.read_text())
@@ -126,8 +153,9 @@ def bench_rules(source: Path, mode: str, dest: Path) -> Path:
     add_bench_routes(doc)
     if mode != "rules":
         adjust_limits(doc, mode)
+    adjust_leases(doc, leases)
     dest.write_text(
-        f"# {source} for bench/run.py --limits {mode}: {LIMITS_MODES[mode]}\n"
-        + yaml.safe_dump(doc, sort_keys=False)
+        f"# {source} for bench/run.py --limits {mode} --leases {leases}: "
+        f"{LIMITS_MODES[mode]}; {LEASES_MODES[leases]}\n" + yaml.safe_dump(doc, sort_keys=False)
     )
     return dest

@@ -426,6 +426,7 @@ def header(info: Mapping[str, Any], config: Mapping[str, Any], ledger: str, limi
         "read the ratios.\n"
         f"ledger: {ledger}\n"
         f"limits: --limits {config['limits']}: {limits}"
+        + (f"\nleases: --leases {config['leases']}" if "leases" in config else "")
     )
 
 

@@ -9,7 +9,8 @@ run; the other modules of bench/ hold the pieces.
 
     .venv/bin/python bench/run.py [--only throughput,latency,sse,hot,workers]
         [--duration 10] [--concurrency 32] [--threads 2] [--warmup 2]
-        [--generator auto|wrk|python] [--limits bench|off|rules] [--json FILE] ...
+        [--generator auto|wrk|python] [--limits bench|off|rules] [--leases on|off|rules]
+        [--json FILE] ...
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from bench.breakdown import breakdown, read_metrics
 from bench.errors import BenchError, Interrupted
 from bench.hot_account import hot_account
 from bench.ledger_check import LedgerProbe, Snapshot, judge, judge_run
-from bench.limits import LIMITS_MODES, bench_rules
+from bench.limits import LEASES_MODES, LIMITS_MODES, bench_rules
 from bench.load import Load, probe_once
 from bench.machine import CpuWindow, machine
 from bench.profile import parse_raw, start_py_spy, summary_lines
@@ -178,10 +179,13 @@ class Bench:
             print(f"ledger: DATABASE_URL, fresh schema {self.schema}")
         else:
             print(f"ledger: embedded PostgreSQL in {self.data_dir} (DATABASE_URL is not set)")
-        rules = bench_rules(self.args.rules, self.args.limits, self.work / "rules.yaml")
+        rules = bench_rules(
+            self.args.rules, self.args.limits, self.work / "rules.yaml", self.args.leases
+        )
         self.gateway = GatewayCommand(rules, env)
         self.gateway.run("rules", "check", str(rules))
         print(f"limits (--limits {self.args.limits}): {LIMITS_MODES[self.args.limits]}")
+        print(f"leases (--leases {self.args.leases}): {LEASES_MODES[self.args.leases]}")
         wait_http(f"{self.upstream_url}/", upstream, 30)
         wait_http(f"http://127.0.0.1:{pass_port}/", passthrough, 30)
         gateway_url = self._start_gateway(self.args.gateway_workers, "gateway")
@@ -463,6 +467,7 @@ class Bench:
             "generator": self.generator,
             "ledger": "database_url" if self.database_url else "embedded",
             "limits": args.limits,
+            "leases": args.leases,
             "path": PATH,
             "usage_path": USAGE_PATH,
             "body_bytes": len(BODY),
@@ -577,6 +582,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=tuple(LIMITS_MODES),
         default="bench",
         help="; ".join(f"{k}: {v}" for k, v in LIMITS_MODES.items()) + " (default: bench)",
+    )
+    parser.add_argument(
+        "--leases",
+        choices=tuple(LEASES_MODES),
+        default="on",
+        help="; ".join(f"{k}: {v}" for k, v in LEASES_MODES.items()) + " (default: on)",
     )
     parser.add_argument(
         "--gateway-workers",

@@ -23,6 +23,7 @@ from gateway.api.tokens import check_balance
 from gateway.billing.checkout import create_checkout
 from gateway.billing.stripe_webhooks import stripe_webhook
 from gateway.errors import ConfigError, GatewayError, LedgerUnavailable
+from gateway.leases import Leases
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.metrics import Metrics
@@ -59,13 +60,15 @@ def build_app(
     except ConfigError:
         session.detach()  # nothing went through it: closed without awaiting, no warning
         raise
+    metrics = Metrics()
     app[STATE] = GatewayState(
         active=active,
         ledger=ledger,
         session=session,
         limiter=limiter,
-        metrics=Metrics(),
+        metrics=metrics,
         thresholds=Thresholds(ledger, session, env),
+        leases=Leases(ledger, metrics),
         environ=env,
     )
     app[ENVIRON] = env
@@ -218,6 +221,10 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     # Spend for spike detection is counted in memory and added to Redis once a second,
     # off the request path (an alert is at most a second late).
+    # Leases: holds not drawn in time are given back by this task (see gateway.leases).
+    leases = asyncio.create_task(
+        state.leases.run(lambda: state.rules.document.ledger.leases), name="leases"
+    )
     async with state.limiter.flushing_spend(state.alert):
         with state.metrics.gc_pauses():
             yield
@@ -226,6 +233,10 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
             deadline = max((r.upstream.timeout_seconds for r in state.rules.routes), default=30)
             log.info("waiting for %d in-flight request(s) to settle", len(state.inflight))
             await asyncio.wait(list(state.inflight), timeout=deadline + 5)
+        leases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leases
+        await state.leases.close()
     for task in list(state.retiring):
         task.cancel()
     await state.active.alerter.close()

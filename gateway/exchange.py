@@ -30,26 +30,27 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.gate import record_shadow
+from gateway.gate import settle_shadow
 from gateway.ledger import Ledger, ReserveOutcome, Settlement
 from gateway.limits.limiter import Admission
 from gateway.metering import UsageReader, UsageRequest
-from gateway.proxy import client_response_headers, map_client_error, open_upstream
+from gateway.proxy import (
+    ExchangeOverdue,
+    client_response_headers,
+    map_client_error,
+    open_upstream,
+    upstream_body,
+)
 from gateway.rules import Route, charge
 from gateway.state import GatewayState
 
 log = logging.getLogger("gateway.pipeline")
 
-# Retries for a settlement that fails because the ledger is briefly unreachable; after
-# them the reservation stays held (the sweeper refunds it at its expiry) and the client
-# is cut off before the end of the answer.
+# Retries of a settlement while the ledger is unreachable; after them the reservation
+# stays held (refunded at its expiry) and the client is cut off before the answer's end.
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0, 2.0)
 _CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError)
 _OVERDUE = "the exchange reached its deadline (the client read too slowly)"
-
-
-class ExchangeOverdue(Exception):
-    """The exchange reached its deadline before the upstream finished."""
 
 
 @dataclass
@@ -69,11 +70,17 @@ class Exchange:
     deadline: float  # monotonic: the exchange is over by then, settled, before its expiry
     would_refuse: list[str] = field(default_factory=list)  # shadow mode: what gates said
     usage_request: UsageRequest | None = None  # a route priced by usage: its read request
+    # Leases: a 2xx answer is committed after it is complete, handed to the handler first
+    # (``answer``); ``leased``: the hold was drawn from a lease (gateway.leases).
+    deferred: bool = False
+    leased: bool = False
+    answer: asyncio.Future[web.StreamResponse] | None = None
     client_gone: bool = False
     charged: int = 0
     settled_as: str = "refunded"
     settlement: Settlement | None = None
     warning: str | None = None  # low balance, for the X-Tokens-Warning header
+    limits_finished: bool = False
 
     @property
     def shadow(self) -> bool:
@@ -136,9 +143,7 @@ class Exchange:
             outcome = "shadow" if self.shadow else self.settled_as
             metrics.requests.labels(self.route.name, outcome, str(status or "")).inc()
             metrics.request_seconds.labels(self.route.name).observe(time.monotonic() - self.started)
-            # Token-rate windows count what was charged, not what was held; one round trip
-            # with the concurrency release.
-            await state.limiter.finish(self.admission, self.charged)
+            await self._finish_limits(state)
             if self.settlement is not None:
                 try:
                     await state.thresholds.after_commit(
@@ -150,6 +155,13 @@ class Exchange:
                 alert = await state.limiter.record_spend(self.caller.org, self.charged)
                 if alert is not None:
                     state.alert(alert)
+
+    async def _finish_limits(self, state: GatewayState) -> None:
+        """Once per exchange: token-rate windows count what was charged, not what was
+        held; one round trip with the concurrency release."""
+        if not self.limits_finished:
+            self.limits_finished = True
+            await state.limiter.finish(self.admission, self.charged)
 
     async def _run(self, state: GatewayState) -> web.StreamResponse:
         upstream_started = time.monotonic()
@@ -171,7 +183,10 @@ class Exchange:
             await self._settle(state, ok=False, reason="gateway error before the upstream answered")
             raise
         try:
-            chunks = self._chunks(upstream, upstream_started)
+            # Its timeout counts only the time spent waiting for the upstream (not a slow
+            # client); past the exchange's deadline it raises ExchangeOverdue.
+            timeout = self.route.upstream.timeout_seconds
+            chunks = upstream_body(upstream, timeout, upstream_started, self.deadline)
             ok = 200 <= upstream.status < 300
             if not ok or self.usage_request is None:
                 return await self._relay(state, upstream, upstream_started, chunks, None)
@@ -190,34 +205,6 @@ class Exchange:
             return await self._buffered(state, upstream, upstream_started, chunks, meter)
         finally:
             upstream.release()
-
-    async def _chunks(
-        self, upstream: aiohttp.ClientResponse, upstream_started: float
-    ) -> AsyncIterator[bytes]:
-        """The upstream's body as it comes. Its timeout counts only the time spent waiting
-        for the upstream, never the time the caller spends between chunks (a slow client);
-        past the exchange's deadline raises ``ExchangeOverdue``."""
-        upstream_left = self.route.upstream.timeout_seconds - (time.monotonic() - upstream_started)
-        chunks = upstream.content.iter_any().__aiter__()
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(None) as timer:  # one timer, armed only while reading
-            while True:
-                waited = time.monotonic()
-                if self.deadline - waited < upstream_left:
-                    # The client's slowness has used up the exchange's time: past its
-                    # deadline the reservation could expire under a live exchange.
-                    upstream_left = self.deadline - waited
-                    if upstream_left <= 0:
-                        raise ExchangeOverdue()
-                timer.reschedule(loop.time() + max(upstream_left, 0.001))
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    timer.reschedule(None)
-                upstream_left -= time.monotonic() - waited
-                yield chunk
 
     def _failure(self, exc: BaseException) -> str:
         if isinstance(exc, ExchangeOverdue) or time.monotonic() >= self.deadline:
@@ -299,7 +286,8 @@ class Exchange:
         # The client must not see the response complete before the ledger has settled it
         # (it may check its balance next). A chunked body ends with write_eof, after the
         # settlement; a sized body ends with its last byte, so that byte is held back.
-        to_go = upstream.content_length
+        # (A deferred commit settles after the answer: nothing is held back.)
+        to_go = None if self.deferred else upstream.content_length
         held_back = b""
 
         async def send(chunk: bytes) -> None:
@@ -329,6 +317,9 @@ class Exchange:
             # The client must see a broken response, not a complete-looking short one.
             self._abort()
             return response
+        if ok and self.deferred:
+            assert meter is None, "a usage-priced answer is settled before it completes"
+            return await self._answer_then_commit(state, response, upstream.status)
         settled = await self._settle(
             state, ok=ok, reason=f"upstream answered {upstream.status}", meter=meter
         )
@@ -344,6 +335,32 @@ class Exchange:
             await self._send(response.write(f": tokens-charged={self.charged}\n\n".encode()))
         await self._send(response.write_eof())
         self._log(upstream.status)
+        return response
+
+    async def _answer_then_commit(
+        self, state: GatewayState, response: web.StreamResponse, status: int
+    ) -> web.StreamResponse:
+        """A deferred commit: the limits are finished (the concurrency slot is free before
+        the client can send its next request), the answer completed and handed to the
+        handler, then the charge committed. A commit that does not land leaves the hold to
+        expire as a refund: the answer went unpaid, in the customer's favour."""
+        self.charged, self.settled_as = self.held, "committed"
+        await self._finish_limits(state)
+        await self._send(response.write_eof())
+        self._log(status)
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(response)
+        reason = f"request {self.request_id}" + (", a leased hold" if self.leased else "")
+        if not await self._settle(state, ok=True, reason=reason):
+            self.charged, self.settled_as = 0, "unpaid"
+            state.metrics.tokens.labels(self.route.token_type, "unpaid").inc(self.held)
+            log.error(
+                "the charge of a delivered answer did not land request_id=%s org=%s "
+                "reservation=%s: its hold expires as a refund (ledger.leases)",
+                self.request_id,
+                self.caller.org,
+                self.outcome.reservation_id if self.outcome else None,
+            )
         return response
 
     def _observe(self, state: GatewayState, started: float) -> None:
@@ -378,7 +395,16 @@ class Exchange:
         False when the ledger did not take it (then the reservation stays held and expires
         as a refund)."""
         if self.outcome is None:
-            await self._settle_shadow(state, ok=ok)
+            await settle_shadow(
+                self.ledger,
+                state.rules.document,
+                state.metrics,
+                self.route,
+                self.caller,
+                self.request_id,
+                self.would_refuse,
+                ok=ok,
+            )
             return True
         reservation_id = self.outcome.reservation_id
         assert reservation_id is not None
@@ -407,7 +433,11 @@ class Exchange:
                 with metrics.ledger_seconds.labels("commit" if ok else "refund").time():
                     if ok:
                         settled = await self.ledger.commit(
-                            reservation_id, charged, actor=self.caller.user, usage=usage
+                            reservation_id,
+                            charged,
+                            actor=self.caller.user,
+                            usage=usage,
+                            reason=reason if self.deferred else None,
                         )
                         self.charged, self.settled_as = settled.charged, "committed"
                         self.settlement = settled
@@ -443,36 +473,6 @@ class Exchange:
                     return False
                 await asyncio.sleep(delay)
         return False
-
-    async def _settle_shadow(self, state: GatewayState, *, ok: bool) -> None:
-        would = list(self.would_refuse)
-        if self.caller.org and not would:
-            try:
-                refused = await record_shadow(
-                    self.ledger,
-                    state.rules.document,
-                    self.route,
-                    self.caller,
-                    self.request_id,
-                    charged=self.route.cost if ok else 0,
-                )
-            except LedgerUnavailable as exc:
-                refused = exc
-            if refused is not None:
-                would.append(refused.code)
-            elif ok:
-                state.metrics.tokens.labels(self.route.token_type, "shadow").inc(self.route.cost)
-        for code in would:
-            state.metrics.shadow_refusals.labels(self.route.name, code).inc()
-        if would:
-            log.warning(
-                "shadow route %s would have refused request_id=%s org=%s: %s",
-                self.route.name,
-                self.request_id,
-                self.caller.org or "-",
-                ", ".join(would),
-                extra={"request_id": self.request_id, "would_refuse": would},
-            )
 
     def _log(self, status: int, *, note: str = "") -> None:
         charged = self.charged if self.settled_as == "committed" else 0

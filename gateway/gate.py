@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,10 @@ from gateway.errors import (
 )
 from gateway.ledger import Ledger, ReserveOutcome
 from gateway.ledger.records import Source
+from gateway.metrics import Metrics
 from gateway.rules import Route, RulesDocument
+
+log = logging.getLogger("gateway.pipeline")
 
 # Statuses of the ledger's gate (and of its reserve) that let a request through.
 PASSING = frozenset({"ok", "duplicate"})
@@ -238,6 +242,35 @@ async def reserve(
     raise refusal(outcome, route, principal.org, doc, amount)
 
 
+async def reserve_holds(
+    ledger: Ledger,
+    doc: RulesDocument,
+    route: Route,
+    principal: Principal,
+    request_id: str,
+    *,
+    count: int,
+    lease_seconds: float,
+) -> list[ReserveOutcome]:
+    """Up to ``count`` holds of the route's cost for the caller, made ahead of its requests
+    through the same gate as ``reserve`` (the list stops at the first it refuses). Each
+    lives ``lease_seconds`` longer than a request's own, the time it may wait to be
+    drawn."""
+    return await ledger.reserve_holds(
+        count,
+        principal.org,
+        route.token_type,
+        route.cost,
+        ttl_seconds=route.upstream.timeout_seconds
+        + doc.ledger.reservation_grace_seconds
+        + lease_seconds,
+        route=route.name,
+        user=principal.user,
+        request_id=request_id,
+        **_gate_args(route, doc),
+    )
+
+
 async def judge(
     ledger: Ledger, doc: RulesDocument, route: Route, principal: Principal
 ) -> tuple[ReserveOutcome, GatewayError | None]:
@@ -276,3 +309,42 @@ async def record_shadow(
         return None
     only_status = ReserveOutcome(status, None, 0, 0, 0, 0, None, None, 0, None, None)
     return refusal(only_status, route, principal.org, doc)
+
+
+async def settle_shadow(
+    ledger: Ledger,
+    doc: RulesDocument,
+    metrics: Metrics,
+    route: Route,
+    caller: Principal,
+    request_id: str,
+    would_refuse: list[str],
+    *,
+    ok: bool,
+) -> None:
+    """The end of a shadow-mode request: journaled (``record_shadow``) when no earlier
+    check would have refused it; what any check would have refused is counted and
+    logged."""
+    would = list(would_refuse)
+    if caller.org and not would:
+        try:
+            refused = await record_shadow(
+                ledger, doc, route, caller, request_id, charged=route.cost if ok else 0
+            )
+        except LedgerUnavailable as exc:
+            refused = exc
+        if refused is not None:
+            would.append(refused.code)
+        elif ok:
+            metrics.tokens.labels(route.token_type, "shadow").inc(route.cost)
+    for code in would:
+        metrics.shadow_refusals.labels(route.name, code).inc()
+    if would:
+        log.warning(
+            "shadow route %s would have refused request_id=%s org=%s: %s",
+            route.name,
+            request_id,
+            caller.org or "-",
+            ", ".join(would),
+            extra={"request_id": request_id, "would_refuse": would},
+        )

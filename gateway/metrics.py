@@ -56,7 +56,7 @@ class Metrics:
         self.tokens = Counter(
             "gateway_tokens",
             "Tokens moved by the request path, by token type and movement "
-            "(reserved, committed, refunded, expired, shadow)",
+            "(reserved, committed, refunded, expired, shadow, unbilled, unpaid)",
             ["token_type", "movement"],
             registry=r,
         )
@@ -67,6 +67,13 @@ class Metrics:
             "gateway_shadow_refusals",
             "Refusals that shadow-mode routes would have made, by route and code",
             ["route", "code"],
+            registry=r,
+        )
+        self.leased_holds = Counter(
+            "gateway_leased_holds",
+            "Holds made ahead of demand (ledger.leases), by event: made, drawn by a request, "
+            "returned undrawn",
+            ["event"],
             registry=r,
         )
         self.store_errors = Counter(

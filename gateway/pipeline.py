@@ -78,26 +78,34 @@ async def handle(request: web.Request) -> web.StreamResponse:
             route.upstream.timeout_seconds,
             tokens=amount,
         )
+    # Leases: a fixed-cost request without an idempotency key draws a hold made ahead for
+    # its caller (if there is one) and is charged just after its answer.
+    leases = rules.document.ledger.leases
+    deferred = leases is not None and key is None and usage is None
+    leased = state.leases.draw(leases, rules, route, principal) if leases and deferred else None
     try:
-        with state.metrics.ledger_seconds.labels("reserve").time():
-            outcome = await reserve(
-                state.ledger,
-                rules.document,
-                route,
-                principal,
-                rid,
-                amount=amount,
-                idempotency_key=key,
-                idempotency_fingerprint=fingerprint(principal, "proxy", route) if key else None,
-            )
-        if outcome.status == "duplicate":
-            raise await _duplicate(state, outcome.reservation_id)
+        if leased is not None:
+            outcome = leased
+        else:
+            with state.metrics.ledger_seconds.labels("reserve").time():
+                outcome = await reserve(
+                    state.ledger,
+                    rules.document,
+                    route,
+                    principal,
+                    rid,
+                    amount=amount,
+                    idempotency_key=key,
+                    idempotency_fingerprint=fingerprint(principal, "proxy", route) if key else None,
+                )
+            if outcome.status == "duplicate":
+                raise await _duplicate(state, outcome.reservation_id)
+            state.metrics.tokens.labels(route.token_type, "reserved").inc(amount)
     except GatewayError as exc:
         await limiter.finish(admission, 0)
         exc.headers.update(admission.headers)
         raise
 
-    state.metrics.tokens.labels(route.token_type, "reserved").inc(amount)
     exchange = Exchange(
         request,
         route,
@@ -109,6 +117,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         outcome,
         *_deadlines(rules, route, started),
         usage_request=usage,
+        deferred=deferred,
+        leased=leased is not None,
     )
     return await _run_shielded(state, exchange)
 
@@ -166,6 +176,7 @@ async def _run_shielded(state: GatewayState, exchange: Exchange) -> web.StreamRe
     # so that the handler (and the next request on a kept-alive connection) resumes one
     # turn of the event loop after the exchange ends, not two as through asyncio.shield.
     answer: asyncio.Future[web.StreamResponse] = asyncio.get_running_loop().create_future()
+    exchange.answer = answer
     task = asyncio.create_task(
         _exchange(state, exchange, answer), name=f"exchange-{exchange.request_id}"
     )

@@ -9,6 +9,7 @@ refused, reset or otherwise broken connections.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,6 +20,40 @@ from yarl import URL
 from gateway.auth import Principal
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.rules import Route
+
+
+class ExchangeOverdue(Exception):
+    """The exchange reached its deadline before the upstream finished."""
+
+
+async def upstream_body(
+    upstream: aiohttp.ClientResponse, wait_seconds: float, started: float, deadline: float
+) -> AsyncIterator[bytes]:
+    """The upstream's body as it comes. ``wait_seconds`` (from ``started``, monotonic) counts
+    only the time spent waiting for the upstream, never the time the caller spends between
+    chunks (a slow client); past ``deadline`` (monotonic) raises ``ExchangeOverdue``."""
+    upstream_left = wait_seconds - (time.monotonic() - started)
+    chunks = upstream.content.iter_any().__aiter__()
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as timer:  # one timer, armed only while reading
+        while True:
+            waited = time.monotonic()
+            if deadline - waited < upstream_left:
+                # The client's slowness has used up the exchange's time: past its
+                # deadline the reservation could expire under a live exchange.
+                upstream_left = deadline - waited
+                if upstream_left <= 0:
+                    raise ExchangeOverdue()
+            timer.reschedule(loop.time() + max(upstream_left, 0.001))
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                timer.reschedule(None)
+            upstream_left -= time.monotonic() - waited
+            yield chunk
+
 
 # RFC 9110 section 7.6.1, plus the de-facto proxy ones.
 HOP_BY_HOP = frozenset(

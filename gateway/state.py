@@ -17,6 +17,7 @@ from gateway.metrics import Metrics
 if TYPE_CHECKING:
     from gateway.alerts import Alerter, Thresholds
     from gateway.auth import Authenticator
+    from gateway.leases import Leases
     from gateway.ledger import Ledger
     from gateway.limits.limiter import Limiter, SpikeAlert
     from gateway.rules import Route, Rules
@@ -44,6 +45,7 @@ class GatewayState:
     limiter: Limiter
     metrics: Metrics
     thresholds: Thresholds
+    leases: Leases
     environ: Mapping[str, str] = field(default_factory=dict)
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     last_reload: dict[str, Any] = field(default_factory=dict)

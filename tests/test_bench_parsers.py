@@ -16,7 +16,14 @@ import yaml
 from bench import run
 from bench.errors import BenchError
 from bench.ledger_check import JournalSummary, LedgerCheck, Snapshot, judge, summarize_journal
-from bench.limits import UNBOUND_CONCURRENCY, UNBOUND_RATE, adjust_limits, bench_rules
+from bench.limits import (
+    BENCH_LEASES,
+    UNBOUND_CONCURRENCY,
+    UNBOUND_RATE,
+    adjust_leases,
+    adjust_limits,
+    bench_rules,
+)
 from bench.load import (
     Load,
     combine,
@@ -398,6 +405,24 @@ def test_wrk_may_leave_one_request_per_connection_in_flight() -> None:
     ]
 
 
+def test_holds_a_lease_gave_back_are_no_request_refunds() -> None:
+    returns = JournalSummary(
+        {"commit": 100, "refund": 70}, {"lease: not drawn within 1s": 64, "Can not write": 6}
+    )
+    assert (returns.lease_returns, returns.refunds) == (64, 6)
+    check = judge(
+        settled(1000), settled(900), returns, load("python", ok=100), concurrency=8,
+        violations=[],
+    )  # fmt: skip
+    assert check.problems == ["6 refund(s) during the run"]
+    check = judge(
+        settled(1000), settled(900), JournalSummary({"commit": 100, "refund": 64},
+        {"lease: not drawn within 1s": 64}), load("python", ok=100), concurrency=8,
+        violations=[],
+    )  # fmt: skip
+    assert check.problems == [] and check.refunds == 0
+
+
 def test_ledger_lines_explain_the_verdict() -> None:
     check = LedgerCheck(
         ok_responses=100,
@@ -534,6 +559,15 @@ def test_limits_off_removes_every_limit() -> None:
     }
 
 
+def test_leases_on_off_or_as_the_rules_say() -> None:
+    assert adjust_leases({}, "on") == {"ledger": {"leases": BENCH_LEASES}}
+    own = {"ledger": {"leases": {"seconds": 5}, "sweep_interval_seconds": 3}}
+    assert adjust_leases(dict(own), "on") == own
+    assert adjust_leases(dict(own), "off") == {"ledger": {"sweep_interval_seconds": 3}}
+    assert adjust_leases(dict(own), "rules") == own
+    assert adjust_leases({}, "rules") == {}
+
+
 def test_bench_rules_writes_a_copy_with_an_absolute_key_file(tmp_path: Path) -> None:
     source = tmp_path / "conf" / "rules.yaml"
     source.parent.mkdir()
@@ -542,7 +576,9 @@ def test_bench_rules_writes_a_copy_with_an_absolute_key_file(tmp_path: Path) -> 
     source.write_text(yaml.safe_dump(doc))
     written = bench_rules(source, "off", tmp_path / "out.yaml")
     assert written == tmp_path / "out.yaml"
-    assert written.read_text().startswith(f"# {source} for bench/run.py --limits off: ")
+    assert written.read_text().startswith(
+        f"# {source} for bench/run.py --limits off --leases rules: "
+    )
     copy = yaml.safe_load(written.read_text())
     assert copy["auth"] == {"public_key_file": str(source.parent / "key.pem")}
     assert [r["name"] for r in copy["routes"]] == ["bench_fixed", "bench_usage"]
@@ -558,6 +594,7 @@ def test_options_and_their_defaults() -> None:
     args = run.parse_args([])
     assert (args.duration, args.concurrency, args.threads, args.warmup) == (10, 32, 2, 2)
     assert (args.generator, args.limits, args.gateway_workers) == ("auto", "bench", 1)
+    assert args.leases == "on"
     assert args.only == ("throughput", "latency", "sse", "hot", "workers")
     assert (args.latency_duration, args.sse_window, args.hot_seconds) == (5, 2.0, 5.0)
     assert args.sse_steps == (25, 50, 100, 200, 400, 800)

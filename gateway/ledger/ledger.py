@@ -161,6 +161,49 @@ class Ledger(LedgerAdmin):
         row = await self.batches.call(_RESERVE, args, (org, token_type))
         return ReserveOutcome(**dict(row))
 
+    async def reserve_holds(
+        self,
+        count: int,
+        org: str,
+        token_type: str,
+        amount: int,
+        *,
+        ttl_seconds: float,
+        plans: Sequence[str] | None = None,
+        route: str | None = None,
+        user: str | None = None,
+        request_id: str | None = None,
+        grace_days: int = 14,
+        degrade_after_days: int | None = None,
+    ) -> list[ReserveOutcome]:
+        """``count`` reserves of ``amount`` for one caller in one round trip and one
+        transaction, each exactly as ``reserve`` would answer it run one after another
+        (the account is locked once): the holds a lease draws on. The list stops before
+        the first that did not pass."""
+        now = self.clock()
+        one = (
+            org,
+            token_type,
+            amount,
+            ",".join(plans) if plans is not None else None,
+            route,
+            user,
+            request_id,
+            None,
+            ttl_seconds,
+            now,
+            None,
+            grace_days,
+            degrade_after_days,
+            "proxy",
+            None,
+        )
+        columns = [[value] * count for value in one]
+        rows = await self._fetch(_RESERVE.many, *columns)
+        outcomes = [ReserveOutcome(**dict(row)) for row in rows]
+        passed = next((i for i, o in enumerate(outcomes) if o.status != "ok"), len(outcomes))
+        return outcomes[:passed]
+
     async def commit(
         self,
         reservation_id: uuid.UUID,
@@ -170,8 +213,10 @@ class Ledger(LedgerAdmin):
         org: str | None = None,
         source: Source | None = None,
         usage: dict[str, Any] | None = None,
+        reason: str | None = None,
     ) -> Settlement:
-        """Charge ``charged`` (default: the whole amount) and release the rest. With ``org``
+        """Charge ``charged`` (default: the whole amount) and release the rest (``reason``:
+        the journal's note on the commit). With ``org``
         or ``source``, a reservation of another organization or made through another source
         is treated as unknown. With ``usage`` (what the backend reported, kept with the
         reservation) ``charged`` may exceed the hold: the excess is taken from the balance,
@@ -180,7 +225,7 @@ class Ledger(LedgerAdmin):
         ``already_expired``, ``exceeds_amount`` (``charged`` negative, or above the held
         amount without ``usage``)."""
         return await self._settle(
-            reservation_id, "commit", charged, actor, None, org, source, usage
+            reservation_id, "commit", charged, actor, reason, org, source, usage
         )
 
     async def refund(

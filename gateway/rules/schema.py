@@ -271,12 +271,23 @@ class AlertsConfig(_Strict):
     retries: NonNegativeInt = 3
 
 
+class LeasesConfig(_Strict):
+    """Holds made ahead of demand and charges settled after the answer (see
+    ``gateway.leases``): each process keeps up to ``max_holds`` durable holds per
+    organization, user and route, drawn within ``seconds`` of being made or given back."""
+
+    seconds: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
+    max_holds: Annotated[int, Field(ge=1, le=1024, strict=True)] = 64
+
+
 class LedgerConfig(_Strict):
     """How long a reservation may stay held beyond its upstream's timeout before the
-    sweeper refunds it, and how often each gateway runs the sweeper."""
+    sweeper refunds it, how often each gateway runs the sweeper, and leases (off unless
+    set)."""
 
     reservation_grace_seconds: PositiveInt = 60
     sweep_interval_seconds: PositiveNumber = 10.0
+    leases: LeasesConfig | None = None
 
 
 class RulesDocument(_Strict):

@@ -1,0 +1,236 @@
+"""Leases: durable holds made ahead of a caller's requests, drawn in memory.
+
+With ``ledger.leases`` set in rules.yaml, a request of a fixed-cost route without an
+Idempotency-Key takes a hold that its process made earlier for the same organization, user
+and route, instead of reserving on its own path, and its charge is committed just after
+its answer (``Exchange``) instead of before the answer's last byte. What holds:
+
+- **Every hold is an ordinary reservation**, gated and durable before any request it
+  serves is forwarded: nothing is forwarded without a durable hold, and no replica can
+  spend what another holds. Each is settled exactly once: committed by the request that
+  drew it, or refunded (``lease: not drawn``) when no request drew it in time.
+- **Only for callers that use them.** Holds are made (one ``Ledger.reserve_holds`` round
+  trip, in the background) only while a caller's requests come at least twice per window,
+  twice as many as it made in the last window (at least 4, at most ``max_holds``), and
+  never more than half of what the account has left: a small balance is not stranded.
+- **Staleness is bounded.** A hold is drawn only within ``seconds`` of being made, so a
+  change of plan, license, quota or balance reaches leased requests within that time;
+  holds not drawn by then, and every undrawn hold at shutdown, are refunded.
+- **The crash story.** A process that dies leaves its holds held, drawn or not; the sweeper
+  refunds them at their expiry. The charge of an answer already delivered whose commit had
+  not landed is lost with it: in the customer's favour, never against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.auth import Principal
+from gateway.errors import LedgerError, LedgerUnavailable
+from gateway.gate import reserve_holds
+from gateway.ledger import Ledger, ReserveOutcome
+from gateway.metrics import Metrics
+from gateway.rules import LeasesConfig, Route, Rules
+
+log = logging.getLogger("gateway.leases")
+
+# A caller's demand is the number of its requests in a window this long (the larger of
+# the current and the last one); holds are made for that many.
+WINDOW_SECONDS = 0.1
+# Callers with a lease of their own in one process, at most; past it, new callers reserve
+# on their own path until idle leases are dropped.
+MAX_LEASES = 10_000
+
+_Key = tuple[str, str, str, str]  # rules version, organization, user, route
+
+
+@dataclass
+class _Lease:
+    """One caller's holds (each with the monotonic time it was made) and its demand."""
+
+    window: float
+    holds: deque[tuple[float, ReserveOutcome]] = field(default_factory=deque)
+    seen: int = 0
+    seen_before: int = 0
+    refilling: bool = False
+
+    def demand(self, now: float) -> int:
+        if now - self.window >= WINDOW_SECONDS:
+            self.seen_before = self.seen if now - self.window < 2 * WINDOW_SECONDS else 0
+            self.seen, self.window = 0, now
+        return max(self.seen, self.seen_before)
+
+    def stale(self, oldest: float) -> list[ReserveOutcome]:
+        """Take out the holds made before ``oldest``."""
+        out: list[ReserveOutcome] = []
+        while self.holds and self.holds[0][0] < oldest:
+            out.append(self.holds.popleft()[1])
+        return out
+
+
+class Leases:
+    """The leases of one gateway process. ``draw`` is the request path (no I/O); making
+    and returning holds runs in tasks of its own, which ``close`` waits for."""
+
+    def __init__(
+        self, ledger: Ledger, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+        self._clock = clock
+        self._leases: dict[_Key, _Lease] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def draw(
+        self, config: LeasesConfig, rules: Rules, route: Route, principal: Principal
+    ) -> ReserveOutcome | None:
+        """A hold of the route's cost for this request, made for this caller under these
+        rules within the last ``config.seconds``; None when there is none (reserve as
+        usual). Asks for more holds in the background when the caller's requests come
+        fast enough to use them."""
+        if self._closed:
+            return None
+        key = (rules.version, principal.org, principal.user, route.name)
+        now = self._clock()
+        lease = self._leases.get(key)
+        if lease is None:
+            if len(self._leases) >= MAX_LEASES:
+                return None
+            lease = self._leases[key] = _Lease(window=now)
+        # Twice the caller's demand, so that holds are there before they run out.
+        demand = lease.demand(now)
+        want = min(config.max_holds, max(4, 2 * demand)) if demand else 0
+        lease.seen += 1
+        stale = lease.stale(now - config.seconds)
+        if stale:
+            self._spawn(self._give_back(stale, config))
+        drawn = lease.holds.popleft()[1] if lease.holds else None
+        if drawn is not None:
+            self._metrics.leased_holds.labels("drawn").inc()
+        if want and not lease.refilling and len(lease.holds) <= want // 2:
+            lease.refilling = True
+            self._spawn(
+                self._refill(lease, want - len(lease.holds), config, rules, route, principal)
+            )
+        return drawn
+
+    async def _refill(
+        self,
+        lease: _Lease,
+        count: int,
+        config: LeasesConfig,
+        rules: Rules,
+        route: Route,
+        principal: Principal,
+    ) -> None:
+        made = self._clock()
+        try:
+            holds = await reserve_holds(
+                self._ledger,
+                rules.document,
+                route,
+                principal,
+                f"lease-{uuid.uuid4().hex[:16]}",
+                count=count,
+                lease_seconds=config.seconds,
+            )
+        except LedgerUnavailable as exc:
+            log.warning("could not make holds for a lease (requests reserve on their own): %s", exc)
+            return
+        finally:
+            lease.refilling = False
+        if not holds:
+            return
+        self._metrics.leased_holds.labels("made").inc(len(holds))
+        self._metrics.tokens.labels(route.token_type, "reserved").inc(route.cost * len(holds))
+        # Never more than half of what the account had: the rest goes back at once.
+        had = holds[0].remaining + route.cost
+        keep = 0 if self._closed else min(len(holds), had // 2 // route.cost)
+        lease.holds.extend((made, hold) for hold in holds[:keep])
+        if keep < len(holds):
+            await self._give_back(holds[keep:], config, why="over half of the balance")
+
+    async def _give_back(
+        self, holds: Iterable[ReserveOutcome], config: LeasesConfig | None, why: str = ""
+    ) -> None:
+        reason = why or (
+            f"not drawn within {config.seconds:g}s" if config is not None else "not drawn"
+        )
+        holds = list(holds)
+        ids = [hold.reservation_id for hold in holds if hold.reservation_id is not None]
+        assert len(ids) == len(holds), "a hold without a reservation"
+        results = await asyncio.gather(
+            *(self._ledger.refund(rid, reason=f"lease: {reason}") for rid in ids),
+            return_exceptions=True,
+        )
+        returned = 0
+        for hold, result in zip(holds, results, strict=True):
+            if isinstance(result, LedgerUnavailable | LedgerError):
+                log.warning(
+                    "could not give back leased hold %s (the sweeper refunds it at its expiry): %s",
+                    hold.reservation_id,
+                    result,
+                )
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                returned += 1
+                self._metrics.tokens.labels(result.token_type, "refunded").inc(
+                    hold.from_allowance + hold.from_purchased
+                )
+        self._metrics.leased_holds.labels("returned").inc(returned)
+
+    def sweep(self, config: LeasesConfig | None) -> None:
+        """Give back the holds past their time (every hold, with ``config`` None: leases
+        switched off by a reload) and forget idle callers."""
+        now = self._clock()
+        stale: list[ReserveOutcome] = []
+        for key, lease in list(self._leases.items()):
+            oldest = now - config.seconds if config is not None else float("inf")
+            stale += lease.stale(oldest)
+            if not lease.holds and not lease.refilling and now - lease.window > 20 * WINDOW_SECONDS:
+                del self._leases[key]
+        if stale:
+            self._spawn(self._give_back(stale, config))
+
+    async def run(self, config: Callable[[], LeasesConfig | None]) -> None:
+        """Sweep every half of ``seconds`` (``config`` is read each round: a reload may
+        change it), until cancelled."""
+        while True:
+            current = config()
+            await asyncio.sleep(current.seconds / 2 if current is not None else 1.0)
+            self.sweep(config())
+
+    @property
+    def held(self) -> int:
+        """Holds made and not drawn yet, in this process."""
+        return sum(len(lease.holds) for lease in self._leases.values())
+
+    async def close(self) -> None:
+        """Make no more holds, wait for those being made, and give back every undrawn
+        one."""
+        self._closed = True
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sweep(None)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._leases.clear()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name="lease")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("lease task failed", exc_info=task.exception())
