@@ -11,8 +11,10 @@ its answer (``Exchange``) instead of before the answer's last byte. What holds:
   drew it, or refunded (``lease: not drawn``) when no request drew it in time.
 - **Only for callers that use them.** Holds are made (one ``Ledger.reserve_holds`` round
   trip, in the background) only while a caller's requests come at least twice per window,
-  twice as many as it made in the last window (at least 4, at most ``max_holds``), and
-  never more than half of what the account has left: a small balance is not stranded.
+  twice as many as it made in the last window (at least 4, at most ``max_holds``), and no
+  more than half of what the account had left when the ledger last said: a small balance
+  is not stranded. A request that finds none left while some are being made waits for
+  those rather than reserving on its own.
 - **Staleness is bounded.** A hold is drawn only within ``seconds`` of being made, so a
   change of plan, license, quota or balance reaches leased requests within that time;
   holds not drawn by then, and every undrawn hold at shutdown, are refunded.
@@ -59,7 +61,12 @@ class _Lease:
     holds: deque[tuple[float, ReserveOutcome]] = field(default_factory=deque)
     seen: int = 0
     seen_before: int = 0
-    refilling: bool = False
+    want: int = 0  # holds the caller's demand calls for (0: too few requests)
+    making: asyncio.Task[None] | None = None  # holds being made
+
+    @property
+    def refilling(self) -> bool:
+        return self.making is not None and not self.making.done()
 
     def demand(self, now: float) -> int:
         if now - self.window >= WINDOW_SECONDS:
@@ -89,40 +96,82 @@ class Leases:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def draw(
+    async def draw(
         self, config: LeasesConfig, rules: Rules, route: Route, principal: Principal
     ) -> ReserveOutcome | None:
         """A hold of the route's cost for this request, made for this caller under these
-        rules within the last ``config.seconds``; None when there is none (reserve as
-        usual). Asks for more holds in the background when the caller's requests come
-        fast enough to use them."""
+        rules within the last ``config.seconds``; None when there is none: reserve as
+        usual, then tell ``reserved``. Asks for more holds in the background when the
+        caller's requests come fast enough to use them. With none left but some being
+        made, waits for those (they may hold what the account had left)."""
+        lease = self._lease(rules, route, principal)
+        if lease is None:
+            return None
+        now = self._clock()
+        # Twice the caller's demand, so that holds are there before they run out.
+        demand = lease.demand(now)
+        lease.want = min(config.max_holds, max(4, 2 * demand)) if demand else 0
+        lease.seen += 1
+        if not lease.holds and lease.making is not None and not lease.making.done():
+            await asyncio.wait({lease.making})  # cancelling this request leaves it running
+            now = self._clock()
+        stale = lease.stale(now - config.seconds)
+        if stale:
+            self._spawn(self._give_back(stale, config))
+        if not lease.holds:
+            return None
+        drawn = lease.holds.popleft()[1]
+        self._metrics.leased_holds.labels("drawn").inc()
+        # What the ledger said was left after this hold counts the lease's later holds.
+        outside = drawn.remaining - len(lease.holds) * route.cost
+        self._refill(lease, outside, config, rules, route, principal)
+        return drawn
+
+    def reserved(
+        self,
+        config: LeasesConfig,
+        rules: Rules,
+        route: Route,
+        principal: Principal,
+        outcome: ReserveOutcome,
+    ) -> None:
+        """A request that ``draw`` found no hold for has reserved on its own: what the
+        account has left after it tells how many holds may be made."""
+        lease = self._lease(rules, route, principal)
+        if lease is not None:
+            self._refill(lease, outcome.remaining, config, rules, route, principal)
+
+    def _lease(self, rules: Rules, route: Route, principal: Principal) -> _Lease | None:
         if self._closed:
             return None
         key = (rules.version, principal.org, principal.user, route.name)
-        now = self._clock()
         lease = self._leases.get(key)
         if lease is None:
             if len(self._leases) >= MAX_LEASES:
                 return None
-            lease = self._leases[key] = _Lease(window=now)
-        # Twice the caller's demand, so that holds are there before they run out.
-        demand = lease.demand(now)
-        want = min(config.max_holds, max(4, 2 * demand)) if demand else 0
-        lease.seen += 1
-        stale = lease.stale(now - config.seconds)
-        if stale:
-            self._spawn(self._give_back(stale, config))
-        drawn = lease.holds.popleft()[1] if lease.holds else None
-        if drawn is not None:
-            self._metrics.leased_holds.labels("drawn").inc()
-        if want and not lease.refilling and len(lease.holds) <= want // 2:
-            lease.refilling = True
-            self._spawn(
-                self._refill(lease, want - len(lease.holds), config, rules, route, principal)
-            )
-        return drawn
+            lease = self._leases[key] = _Lease(window=self._clock())
+        return lease
 
-    async def _refill(
+    def _refill(
+        self,
+        lease: _Lease,
+        remaining: int,
+        config: LeasesConfig,
+        rules: Rules,
+        route: Route,
+        principal: Principal,
+    ) -> None:
+        """Make holds in the background when half of what the caller wants is drawn: up to
+        what it wants, and so that its holds stay within what the account has left
+        outside them (``remaining``, as the ledger last said)."""
+        held = len(lease.holds)
+        if not lease.want or lease.refilling or held > lease.want // 2:
+            return
+        count = min(lease.want - held, (remaining // route.cost - held) // 2)
+        if count > 0:
+            lease.making = self._spawn(self._make(lease, count, config, rules, route, principal))
+
+    async def _make(
         self,
         lease: _Lease,
         count: int,
@@ -145,25 +194,19 @@ class Leases:
         except LedgerUnavailable as exc:
             log.warning("could not make holds for a lease (requests reserve on their own): %s", exc)
             return
-        finally:
-            lease.refilling = False
         if not holds:
             return
         self._metrics.leased_holds.labels("made").inc(len(holds))
         self._metrics.tokens.labels(route.token_type, "reserved").inc(route.cost * len(holds))
-        # Never more than half of what the account had: the rest goes back at once.
-        had = holds[0].remaining + route.cost
-        keep = 0 if self._closed else min(len(holds), had // 2 // route.cost)
-        lease.holds.extend((made, hold) for hold in holds[:keep])
-        if keep < len(holds):
-            await self._give_back(holds[keep:], config, why="over half of the balance")
+        if self._closed:
+            await self._give_back(holds, config)
+        else:
+            lease.holds.extend((made, hold) for hold in holds)
 
     async def _give_back(
-        self, holds: Iterable[ReserveOutcome], config: LeasesConfig | None, why: str = ""
+        self, holds: Iterable[ReserveOutcome], config: LeasesConfig | None
     ) -> None:
-        reason = why or (
-            f"not drawn within {config.seconds:g}s" if config is not None else "not drawn"
-        )
+        reason = f"not drawn within {config.seconds:g}s" if config is not None else "not drawn"
         holds = list(holds)
         ids = [hold.reservation_id for hold in holds if hold.reservation_id is not None]
         assert len(ids) == len(holds), "a hold without a reservation"
@@ -225,10 +268,11 @@ class Leases:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._leases.clear()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name="lease")
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -82,7 +82,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # its caller (if there is one) and is charged just after its answer.
     leases = rules.document.ledger.leases
     deferred = leases is not None and key is None and usage is None
-    leased = state.leases.draw(leases, rules, route, principal) if leases and deferred else None
+    leased = (
+        await state.leases.draw(leases, rules, route, principal) if leases and deferred else None
+    )
     try:
         if leased is not None:
             outcome = leased
@@ -101,6 +103,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             if outcome.status == "duplicate":
                 raise await _duplicate(state, outcome.reservation_id)
             state.metrics.tokens.labels(route.token_type, "reserved").inc(amount)
+            if leases and deferred:
+                state.leases.reserved(leases, rules, route, principal, outcome)
     except GatewayError as exc:
         await limiter.finish(admission, 0)
         exc.headers.update(admission.headers)

@@ -113,6 +113,20 @@ async def test_a_lone_request_leaves_no_lease_behind(gateway: Gateway) -> None:
     assert gateway.app[STATE].leases.held == 0
 
 
+async def test_a_lease_never_refuses_its_caller_the_last_tokens(gateway: Gateway) -> None:
+    await gateway.ledger.create_org("tiny", "daily")  # 10 'general' tokens a day
+    statuses = []
+    for _ in range(12):
+        resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=bearer("tiny"))
+        await resp.read()
+        statuses.append(resp.status)
+    await gateway.settled()
+    await gateway.app[STATE].leases.close()
+    # Every token was served in the end: none stayed stranded in a lease.
+    assert statuses == [200] * 10 + [402] * 2
+    assert await gateway.available("tiny", "general") == 0
+
+
 async def test_holds_not_drawn_in_time_are_given_back(gateway: Gateway) -> None:
     before = await gateway.available("acme", "general")
     assert await burst(gateway, 6) == 6
@@ -236,9 +250,9 @@ async def test_two_processes_serving_one_account_never_overspend_it(
     tmp_path: Path,
     http: aiohttp.ClientSession,
 ) -> None:
-    """300 simultaneous requests of six users of one organization with 100 tokens, split
-    over two gateway processes leasing holds: exactly the answers delivered are paid, no
-    more than the balance, and after both stop nothing is held."""
+    """Waves of simultaneous requests (the last of 200) of six users of one organization
+    with 100 tokens, split over two gateway processes leasing holds: exactly the answers
+    delivered are paid, no more than the balance, and after both stop nothing is held."""
     await ledger.create_org("acme", "pro")
     env = process_env(database_url, redis_url, schema, _write_rules(tmp_path, upstream[1]))
     ports = [free_port(), free_port()]
@@ -254,8 +268,8 @@ async def test_two_processes_serving_one_account_never_overspend_it(
                 await resp.read()
                 return resp.status
 
-        for _ in range(3):  # waves, so that leases are made and drawn between them
-            statuses = Counter(await asyncio.gather(*(one(i) for i in range(100))))
+        for size in (24, 24, 24, 200):  # leases are made in the first waves, drawn after
+            statuses = Counter(await asyncio.gather(*(one(i) for i in range(size))))
             assert set(statuses) <= {200, 402}, statuses
     finally:
         for proc in procs:
@@ -265,6 +279,7 @@ async def test_two_processes_serving_one_account_never_overspend_it(
     paid = len([s for s in upstream[0].seen if s.headers.get("X-Gateway-Organization")])
     assert len(commits) == paid <= 100
     assert paid >= 50  # a lease never takes more than half of what is left
+    assert any(r["reason"].endswith("a leased hold") for r in commits), "leases were not used"
     assert await ledger.held_reservations("acme") == []
     general = {a.token_type: a for a in await ledger.balances("acme")}["general"]
     assert general.available == 100 - paid
