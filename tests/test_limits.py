@@ -409,6 +409,23 @@ async def test_limiter_unavailable_is_a_problem_in_closed_mode(redis_url: str) -
         await limiter.close()
 
 
+async def test_a_request_no_limit_applies_to_asks_redis_nothing() -> None:
+    """No blocks and no limit for the route: admitted without a round trip, so even an
+    unreachable Redis in closed mode refuses nothing."""
+    limiter = Limiter.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", LimitsConfig(on_store_error="closed", blocks=None)
+    )
+    try:
+        admission = await limiter.admit("acme", "alice", "general", only(), 1)
+        assert (admission.leases, admission.headers, admission.token_entries) == ([], {}, [])
+        with pytest.raises(LimiterUnavailable):  # a limit that applies still asks
+            await limiter.admit(
+                "acme", "alice", "general", only(rate=[RateLimit(limit="1/minute")]), 1
+            )
+    finally:
+        await limiter.close()
+
+
 async def test_three_gateways_share_one_limit_and_one_balance(
     database_url: str,
     redis_url: str,

@@ -153,6 +153,8 @@ class Limiter:
         keys, args = judge.call(
             self._keys, request, now=self.clock_ms(), member=member, lease_ms=lease_ms, dry=False
         )
+        if not keys:  # no limit applies: nothing to ask Redis
+            return Admission()
         try:
             answer = await self._store.run("admit", keys, args)
         except LimiterUnavailable:
