@@ -89,7 +89,7 @@ def call(
         args.append(cap.max)
     for token_rate in limits.tokens:
         args += [token_rate.window_ms, token_rate.count]
-    return names, args
+    return names, [" ".join(map(str, args))]
 
 
 def read(keys: list[str], request: Request, answer: list[int]) -> Outcome:

@@ -5,20 +5,22 @@
 -- so one cluster slot). Time is in milliseconds, from the gateway's clock.
 --
 -- KEYS, in this order (a kind that does not apply has no keys):
---   the user's block, the organization's block      (ARGV[4] of them: 0 or 2)
---   one sorted set of admitted hits per rate        (ARGV[5])
---   the time of the last admitted request           (ARGV[6]: 0 or 1)
---   the sorted set of concurrency leases by expiry  (ARGV[7]: 0 or 1)
+--   the user's block, the organization's block      (A[4] of them: 0 or 2)
+--   one sorted set of admitted hits per rate        (A[5])
+--   the time of the last admitted request           (A[6]: 0 or 1)
+--   the sorted set of concurrency leases by expiry  (A[7]: 0 or 1)
 --   per token rate: its log (sorted set: entry -> time) and its amounts (hash: entry ->
---   tokens, and "total": the sum over the log)      (ARGV[8] token rates, 2 keys each)
--- ARGV[1]  now
--- ARGV[2]  "record", or "dry": only tell what would happen; write nothing
--- ARGV[3]  a unique id for this request: its member in the rate logs, its lease, its
---          entry in the token logs (a uuid, so it cannot clash with "total")
--- ARGV[4..8]  the counts of keys above
--- ARGV[9]  the tokens this request holds (>= 0): it fits a token rate when used + tokens
---          <= cap; a hold of 0 still needs used < cap, since its charge is yet to come
--- ARGV[10] the lease's length
+--   tokens, and "total": the sum over the log)      (A[8] token rates, 2 keys each)
+-- ARGV[1] holds every argument below, joined by single spaces (one argument costs the
+-- client far less to send than twenty); they are read as A[1], A[2], ...
+-- A[1]  now
+-- A[2]  "record", or "dry": only tell what would happen; write nothing
+-- A[3]  a unique id for this request: its member in the rate logs, its lease, its
+--       entry in the token logs (a uuid, so it cannot clash with "total")
+-- A[4..8]  the counts of keys above
+-- A[9]  the tokens this request holds (>= 0): it fits a token rate when used + tokens
+--       <= cap; a hold of 0 still needs used < cap, since its charge is yet to come
+-- A[10] the lease's length
 -- then per rate: window, hits per window; then the interval (if any); then the cap (if
 -- any); then per token rate: window, tokens per window.
 -- Returns {admitted (1|0),
@@ -28,13 +30,17 @@
 --          the interval:    fits, retry_after                           (if any),
 --          the cap:         fits, leases in force, retry_after           (if any),
 --          per token rate:  fits, tokens in the window, retry_after}
-local now = tonumber(ARGV[1])
-local dry = ARGV[2] == 'dry'
-local id = ARGV[3]
-local n_blocks, n_rates = tonumber(ARGV[4]), tonumber(ARGV[5])
-local n_gap, n_cap, n_tokens = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local hold = tonumber(ARGV[9])
-local lease_ms = tonumber(ARGV[10])
+local A = {}
+for word in string.gmatch(ARGV[1], '%S+') do
+  A[#A + 1] = word
+end
+local now = tonumber(A[1])
+local dry = A[2] == 'dry'
+local id = A[3]
+local n_blocks, n_rates = tonumber(A[4]), tonumber(A[5])
+local n_gap, n_cap, n_tokens = tonumber(A[6]), tonumber(A[7]), tonumber(A[8])
+local hold = tonumber(A[9])
+local lease_ms = tonumber(A[10])
 local BATCH = 500
 
 local k, a = 0, 10 -- the last key and argument read
@@ -44,7 +50,7 @@ local function next_key()
 end
 local function next_arg()
   a = a + 1
-  return tonumber(ARGV[a])
+  return tonumber(A[a])
 end
 
 local result = {1}
@@ -206,8 +212,8 @@ end
 for _, t in ipairs(logs) do
   -- ZADD answers 0 for a limit listed twice (the same keys): count the hold once.
   if redis.call('ZADD', t[1], now, id) == 1 then
-    redis.call('HSET', t[2], id, ARGV[9])
-    redis.call('HINCRBY', t[2], 'total', ARGV[9])
+    redis.call('HSET', t[2], id, A[9])
+    redis.call('HINCRBY', t[2], 'total', A[9])
   end
   -- Every entry is at most `now`, so all have left the window when the keys expire.
   redis.call('PEXPIRE', t[1], t[3])
