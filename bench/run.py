@@ -367,15 +367,23 @@ class Bench:
             f"\n== hot account: {args.hot_concurrency} callers reserve and commit on one "
             f"account for {args.hot_seconds}s (bench/hot_account.py, a schema of its own)"
         )
-        self.outcome.hot = hot = asyncio.run(
-            hot_account(dsn, seconds=args.hot_seconds, concurrency=args.hot_concurrency)
-        )
-        print(
-            f"  {hot.per_second:,.0f} pairs/s ({hot.pairs} pairs), "
-            f"audit violations {hot.violations}"
-        )
-        if hot.violations:
-            self.failures.append(f"hot account: {hot.violations} audit violation(s)")
+        for leased in (False, True):
+            hot = asyncio.run(
+                hot_account(
+                    dsn, seconds=args.hot_seconds, concurrency=args.hot_concurrency, leased=leased
+                )
+            )
+            if leased:
+                self.outcome.hot_leased = hot
+            else:
+                self.outcome.hot = hot
+            print(
+                f"  {hot.per_second:,.0f} pairs/s ({hot.pairs} pairs"
+                f"{', holds made as leases make them' if leased else ''}), "
+                f"audit violations {hot.violations}"
+            )
+            if hot.violations:
+                self.failures.append(f"hot account: {hot.violations} audit violation(s)")
 
     def part_workers(self, urls: dict[str, str]) -> dict[str, str]:
         """1 gateway worker, then 2 (the first gateway is stopped and a second started on

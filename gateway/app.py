@@ -219,12 +219,12 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    # Spend for spike detection is counted in memory and added to Redis once a second,
-    # off the request path (an alert is at most a second late).
     # Leases: holds not drawn in time are given back by this task (see gateway.leases).
     leases = asyncio.create_task(
         state.leases.run(lambda: state.rules.document.ledger.leases), name="leases"
     )
+    # Spend for spike detection is counted in memory and added to Redis once a second,
+    # off the request path (an alert is at most a second late).
     async with state.limiter.flushing_spend(state.alert):
         with state.metrics.gc_pauses():
             yield

@@ -45,6 +45,15 @@ async def explain(
         "usage": route.config.usage.format if route.config.usage is not None else None,
         "plans": route.config.plans,
         "enforce": route.config.enforce,
+        # With leases, a busy caller's requests here may draw holds made up to this many
+        # seconds before: what the gates below say now reaches them within that time.
+        "lease_seconds": (
+            leases.seconds
+            if (leases := rules.document.ledger.leases) is not None
+            and route.config.usage is None
+            and route.config.enforce
+            else None
+        ),
     }
     gates: list[dict[str, Any]] = []
     report["gates"] = gates

@@ -97,3 +97,15 @@ async def test_journal_since_the_newest_entry_is_empty(
     empty = Snapshot(available=0, reserved=0, held=0, last_entry=0)
     everything = await run(probe.journal_since, empty)
     assert everything.kinds["grant"] == 1
+
+
+@pytest.mark.parametrize("leased", [False, True], ids=["seam", "leased"])
+async def test_the_hot_account_counts_durable_pairs_exactly(
+    database_url: str, leased: bool
+) -> None:
+    """The hot account's own checks (the balance fell by exactly the pairs counted, the
+    audit is clean), run briefly, with holds made one by one or as leases make them."""
+    from bench.hot_account import hot_account
+
+    hot = await hot_account(database_url, seconds=0.5, concurrency=8, leased=leased)
+    assert hot.pairs > 0 and hot.violations == 0 and hot.leased == leased

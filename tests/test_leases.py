@@ -181,6 +181,16 @@ async def test_a_license_suspension_reaches_leased_requests_within_the_lease(
     assert await gateway.available("acme", "general") == before - served
 
 
+async def test_explain_says_which_routes_leases_serve(gateway: Gateway) -> None:
+    from gateway.explain import explain
+
+    rules = gateway.app[STATE].rules
+    chat = await explain(rules, "POST", "/v1/chat/x")
+    assert chat["route"]["lease_seconds"] == SECONDS
+    plain = parse_rules(rules_yaml(gateway.upstream_url).encode(), "rules.yaml")
+    assert (await explain(plain, "POST", "/v1/chat/x"))["route"]["lease_seconds"] is None
+
+
 async def test_idempotent_and_usage_priced_requests_reserve_on_their_own(
     gateway: Gateway,
 ) -> None:
