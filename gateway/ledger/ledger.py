@@ -59,6 +59,31 @@ _SETTLE = Kind(
 )  # fmt: skip
 
 
+def _reserve_args(
+    org: str,
+    token_type: str,
+    amount: int,
+    ttl_seconds: float,
+    now: datetime,
+    gate: tuple[str | None, int, int | None],  # route plans (comma-joined), grace, degrade
+    route: str | None,
+    user: str | None,
+    request_id: str | None,
+    idempotency_key: str | None,
+    metadata: dict[str, Any] | None,
+    source: Source,
+    fingerprint: str | None,
+) -> tuple[Any, ...]:
+    """One reserve's arguments, in the order of gw_reserve (and of gw_reserve_many's
+    arrays)."""
+    plans, grace_days, degrade_after_days = gate
+    return (
+        org, token_type, amount, plans, route, user, request_id, idempotency_key,
+        ttl_seconds, now, json.dumps(metadata) if metadata is not None else None,
+        grace_days, degrade_after_days, source, fingerprint,
+    )  # fmt: skip
+
+
 class Ledger(LedgerAdmin):
     """Balances, reservations and the journal. Safe to share between tasks; any number of
     gateway processes may use one database at once. Reserves and settlements made at the
@@ -141,23 +166,11 @@ class Ledger(LedgerAdmin):
         ``idempotency_fingerprint`` (the caller's digest of its request) is the same, and
         ``idempotency_key_reused`` without one when it differs; concurrent first uses of a
         key make one reservation."""
-        args = (
-            org,
-            token_type,
-            amount,
-            ",".join(plans) if plans is not None else None,
-            route,
-            user,
-            request_id,
-            idempotency_key,
-            ttl_seconds,
-            self.clock(),
-            json.dumps(metadata) if metadata is not None else None,
-            grace_days,
-            degrade_after_days,
-            source,
-            idempotency_fingerprint,
-        )
+        gate = (",".join(plans) if plans is not None else None, grace_days, degrade_after_days)
+        args = _reserve_args(
+            org, token_type, amount, ttl_seconds, self.clock(), gate, route, user, request_id,
+            idempotency_key, metadata, source, idempotency_fingerprint,
+        )  # fmt: skip
         row = await self.batches.call(_RESERVE, args, (org, token_type))
         return ReserveOutcome(**dict(row))
 
@@ -180,24 +193,11 @@ class Ledger(LedgerAdmin):
         transaction, each exactly as ``reserve`` would answer it run one after another
         (the account is locked once): the holds a lease draws on. The list stops before
         the first that did not pass."""
-        now = self.clock()
-        one = (
-            org,
-            token_type,
-            amount,
-            ",".join(plans) if plans is not None else None,
-            route,
-            user,
-            request_id,
-            None,
-            ttl_seconds,
-            now,
-            None,
-            grace_days,
-            degrade_after_days,
-            "proxy",
-            None,
-        )
+        gate = (",".join(plans) if plans is not None else None, grace_days, degrade_after_days)
+        one = _reserve_args(
+            org, token_type, amount, ttl_seconds, self.clock(), gate, route, user, request_id,
+            None, None, "proxy", None,
+        )  # fmt: skip
         columns = [[value] * count for value in one]
         rows = await self._fetch(_RESERVE.many, *columns)
         outcomes = [ReserveOutcome(**dict(row)) for row in rows]
