@@ -44,7 +44,7 @@ from gateway.rules import LeasesConfig, Route, Rules
 log = logging.getLogger("gateway.leases")
 
 # A caller's demand is the number of its requests in a window this long (the larger of
-# the current and the last one); holds are made for that many.
+# the current and the last one); holds are made for twice that many.
 WINDOW_SECONDS = 0.1
 # Callers with a lease of their own in one process, at most; past it, new callers reserve
 # on their own path until idle leases are dropped.
