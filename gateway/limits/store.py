@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -47,11 +47,17 @@ Client = aioredis.Redis | RedisCluster
 
 # Short timeouts: the limits are on every request's path, and an unreachable store is
 # answered by limits.on_store_error rather than waited for.
+ANSWER_SECONDS = 0.5
 TIMEOUTS: dict[str, Any] = {
-    "socket_timeout": 0.5,
-    "socket_connect_timeout": 0.5,
+    "socket_timeout": ANSWER_SECONDS,
+    "socket_connect_timeout": ANSWER_SECONDS,
     "decode_responses": True,
 }
+# A single Redis has no socket timeout of its own: the store bounds each whole call
+# instead (Store._answer), since redis-py puts every write under asyncio.wait_for, a task
+# of its own per command (about 60 us of CPU an admit). A cluster keeps its socket
+# timeouts: its client retries on other nodes within a call.
+SINGLE_TIMEOUTS: dict[str, Any] = {**TIMEOUTS, "socket_timeout": None}
 
 
 class Script(NamedTuple):
@@ -82,7 +88,7 @@ def connect(url: str) -> Client:
     cannot use. Connects lazily: nothing is sent before the first command."""
     scheme, sep, rest = url.partition("://")
     if scheme not in CLUSTER_SCHEMES:
-        return aioredis.Redis.from_url(url, health_check_interval=10, **TIMEOUTS)
+        return aioredis.Redis.from_url(url, health_check_interval=10, **SINGLE_TIMEOUTS)
     userinfo, _, hosts_path = rest.rpartition("@")
     hosts, _, path = hosts_path.partition("/")
     path, _, query = path.partition("?")
@@ -134,6 +140,7 @@ class Store:
         self._loading = asyncio.Lock()
         self._loads = 0  # how many times the scripts were loaded
         self._ready = not isinstance(client, RedisCluster)
+        self._timeout = None if isinstance(client, RedisCluster) else ANSWER_SECONDS
         lua = resources.files("gateway.limits").joinpath("lua")
         texts = {name: lua.joinpath(f"{name}.lua").read_text() for name in SCRIPTS}
         self._scripts = {
@@ -162,11 +169,13 @@ class Store:
             self._outage = False
             log.warning("Redis reachable again; limits enforced")
 
-    @contextlib.contextmanager
-    def _answer(self) -> Iterator[None]:
-        """Within: driver calls. Any error they raise is the store not answering."""
+    @contextlib.asynccontextmanager
+    async def _answer(self) -> AsyncIterator[None]:
+        """Within: driver calls, bounded in time (a timeout is an OSError). Any error they
+        raise is the store not answering."""
         try:
-            yield
+            async with asyncio.timeout(self._timeout):
+                yield
         except STORE_ERRORS as exc:
             raise self.down(exc) from exc
         except Exception as exc:
@@ -179,7 +188,7 @@ class Store:
     async def run(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
         """One script call, one round trip. Raises ``LimiterUnavailable``."""
         sha = self._scripts[script].sha
-        with self._answer():
+        async with self._answer():
             await self._prepare()
             loads = self._loads
             try:
@@ -192,7 +201,7 @@ class Store:
 
     async def delete(self, key: str) -> int:
         """Delete ``key``; 1 if it existed. Raises ``LimiterUnavailable``."""
-        with self._answer():
+        async with self._answer():
             await self._prepare()
             deleted = await self.client.delete(key)
         self.up()
@@ -200,7 +209,7 @@ class Store:
 
     async def ping(self) -> None:
         """Raises ``LimiterUnavailable`` unless the store answers."""
-        with self._answer():
+        async with self._answer():
             await self._prepare()
             await self.client.ping()
         self.up()
@@ -209,7 +218,7 @@ class Store:
         """Send ``calls`` in one round trip (one per node involved, on a cluster). Returns
         each call's reply, or the exception that call met; raises ``LimiterUnavailable``
         when the pipeline could not be sent at all."""
-        with self._answer():
+        async with self._answer():
             await self._prepare()
             loads = self._loads
             results = await self._send(calls)
