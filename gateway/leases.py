@@ -83,8 +83,9 @@ class _Lease:
 
 
 class Leases:
-    """The leases of one gateway process. ``draw`` is the request path (no I/O); making
-    and returning holds runs in tasks of its own, which ``close`` waits for."""
+    """The leases of one gateway process. ``draw`` is the request path (no I/O of its own:
+    at most it waits for holds being made); making and returning holds runs in tasks of
+    their own, which ``close`` waits for."""
 
     def __init__(
         self, ledger: Ledger, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
