@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
@@ -424,6 +425,42 @@ async def test_a_request_no_limit_applies_to_asks_redis_nothing() -> None:
             )
     finally:
         await limiter.close()
+
+
+async def test_a_redis_that_never_answers_is_given_half_a_second() -> None:
+    """A store that accepts the connection and then says nothing (a hung server) is not
+    waited for: each call is bounded as a whole, then on_store_error decides."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    limits = only(rate=[RateLimit(limit="1/minute")])
+    try:
+        for mode in ("closed", "open"):
+            limiter = Limiter.from_url(
+                f"redis://127.0.0.1:{port}/0",
+                LimitsConfig(on_store_error=mode),  # type: ignore[arg-type]
+            )
+            started = time.monotonic()
+            try:
+                if mode == "closed":
+                    with pytest.raises(LimiterUnavailable):
+                        await limiter.admit("acme", "alice", "general", limits, 1)
+                else:
+                    admission = await limiter.admit("acme", "alice", "general", limits, 1)
+                    assert admission.leases == [] and admission.headers == {}
+                assert 0.4 < time.monotonic() - started < 2.0
+                assert limiter.store_errors == 1
+            finally:
+                await limiter.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_three_gateways_share_one_limit_and_one_balance(
