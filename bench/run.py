@@ -47,7 +47,7 @@ from bench.machine import CpuWindow, machine
 from bench.profile import parse_raw, start_py_spy, summary_lines
 from bench.report import Outcome, Result, print_report, summarize_log, summary
 from bench.services import ROOT, GatewayCommand, Service, free_port, wait_http
-from bench.sse import DEFAULT_STEPS, StreamStep, ladder_steps, run_streams
+from bench.sse import DEFAULT_STEPS, StreamStep, ladder, ladder_steps, run_streams
 from bench.workload import (
     BODY,
     EVENT_INTERVAL,
@@ -324,7 +324,10 @@ class Bench:
             )
             self.outcome.latency.append(result)
 
-    def part_sse(self, urls: dict[str, str]) -> None:
+    def part_sse(self, urls: dict[str, str], probe: LedgerProbe) -> None:
+        """The stream ladders. Each of the gateway's steps starts from a settled ledger, so
+        that what a step that missed left behind (commits and leased holds still to
+        settle) does not count against the next."""
         args = self.args
         for label, kind, path in (
             ("passthrough", "passthrough", PATH),
@@ -332,10 +335,16 @@ class Bench:
             ("gateway usage", "gateway", USAGE_PATH),
         ):
             url = urls[kind] + path + STREAM_QUERY
-            print(f"\n== sse, {label}: POST {url} (stream), steps {args.sse_steps}")
-            steps: list[StreamStep] = []
-            self.outcome.streams[label] = steps
-            for n in args.sse_steps:
+            print(
+                f"\n== sse, {label}: POST {url} (stream), steps {args.sse_steps}, "
+                f"then {args.sse_refine} halving(s) of the gap at the first miss"
+            )
+
+            def one_step(
+                n: int, label: str = label, kind: str = kind, url: str = url
+            ) -> StreamStep:
+                if kind == "gateway":
+                    probe.settled()
                 cpu = CpuWindow()
                 cpu.begin({name: self.pids[name] for name in SERVING[kind]})
                 step = run_streams(
@@ -349,14 +358,16 @@ class Bench:
                     window=args.sse_window,
                 )
                 step.cpu = cpu.end()
-                steps.append(step)
                 print(
                     f"  {n} streams: TTFB p50 {step.ttfb_p50_ms:.2f} ms, p99 "
                     f"{step.ttfb_p99_ms:.2f} ms over {step.measured} streams; "
                     f"{'holds' if step.holds() else step.why_not()}"
                 )
-                if not step.holds():
-                    break
+                return step
+
+            steps: list[StreamStep] = []
+            self.outcome.streams[label] = steps
+            ladder(args.sse_steps, args.sse_refine, one_step, steps)
 
     def part_hot(self) -> None:
         args = self.args
@@ -437,7 +448,7 @@ class Bench:
         if "latency" in args.only:
             self.part_latency(urls)
         if "sse" in args.only:
-            self.part_sse(urls)
+            self.part_sse(urls, self.probe)
         if "hot" in args.only:
             self.part_hot()
         if "workers" in args.only:
@@ -468,6 +479,7 @@ class Bench:
             "threads": min(args.threads, args.concurrency),
             "latency_duration_s": args.latency_duration,
             "sse_steps": list(args.sse_steps),
+            "sse_refine": args.sse_refine,
             "sse_window_s": args.sse_window,
             "stream_events": STREAM_EVENTS,
             "hot_seconds": args.hot_seconds,
@@ -628,6 +640,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"(default {','.join(map(str, DEFAULT_STEPS))})",
     )
     parser.add_argument(
+        "--sse-refine",
+        type=int,
+        default=3,
+        metavar="N",
+        help="after the first step that misses, N more steps halving the gap between the "
+        "most streams held and the fewest missed (0: the steps alone; default 3)",
+    )
+    parser.add_argument(
         "--sse-window",
         type=float,
         default=2.0,
@@ -656,6 +676,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--only workers compares 2 gateway workers with 1: needs --gateway-workers 1")
     if args.sse_window <= 0 or args.hot_seconds <= 0:
         parser.error("--sse-window and --hot-seconds must be positive")
+    if args.sse_refine < 0:
+        parser.error("--sse-refine must be 0 or more")
     args.rules = args.rules.resolve()
     if args.profile is not None:
         args.profile = args.profile.resolve()

@@ -15,7 +15,7 @@ import multiprocessing
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,14 +65,48 @@ class StreamStep:
 
 
 def held(steps: Sequence[StreamStep], limit_ms: float = TTFB_LIMIT_MS) -> int:
-    """The most concurrent streams held: the last step of an unbroken run of held steps
-    from the first (0 when the first already misses)."""
-    most = 0
-    for step in steps:
-        if not step.holds(limit_ms):
+    """The most concurrent streams held: the largest held step below every step that
+    missed (0 when the first already misses). For a ladder as ``ladder`` runs it (up to
+    the first miss, then halving the gap between the last held and the least missed) that
+    is the last held step of the climb, or of the halving."""
+    least_missed = min((s.streams for s in steps if not s.holds(limit_ms)), default=None)
+    return max(
+        (
+            s.streams
+            for s in steps
+            if s.holds(limit_ms) and (least_missed is None or s.streams < least_missed)
+        ),
+        default=0,
+    )
+
+
+def ladder(
+    steps: Sequence[int],
+    refine: int,
+    run: Callable[[int], StreamStep],
+    done: list[StreamStep] | None = None,
+) -> list[StreamStep]:
+    """Run ``run(streams)`` at each of ``steps`` until one misses, then ``refine`` times
+    at the middle of the gap between the most held and the least missed (rounded down;
+    none once the gap is closed): each halving doubles the resolution of what a ladder
+    of doublings can tell (100 held and 200 missed says "100 to 199"; three halvings say
+    within 12). The steps run, in order, appended to ``done`` as they end (so that a run
+    cut short keeps them)."""
+    done = [] if done is None else done
+    for n in steps:
+        done.append(run(n))
+        if not done[-1].holds():
             break
-        most = step.streams
-    return most
+    else:
+        return done  # every step held: nothing to refine
+    for _ in range(refine):
+        most = held(done)
+        least = min(s.streams for s in done if not s.holds())
+        middle = (most + least) // 2
+        if not most < middle < least:
+            break
+        done.append(run(middle))
+    return done
 
 
 def ladder_steps(text: str) -> tuple[int, ...]:

@@ -597,10 +597,13 @@ def test_options_and_their_defaults() -> None:
     assert args.leases == "on"
     assert args.only == ("throughput", "latency", "sse", "hot", "workers")
     assert (args.latency_duration, args.sse_window, args.hot_seconds) == (5, 2.0, 5.0)
-    assert args.sse_steps == (25, 50, 100, 200, 400, 800)
+    assert (args.sse_steps, args.sse_refine) == ((25, 50, 100, 200, 400, 800), 3)
     assert args.rules == ROOT / "rules.yaml"
     with pytest.raises(SystemExit):
         run.parse_args(["--duration", "0"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--sse-refine", "-1"])
+    assert run.parse_args(["--sse-refine", "0"]).sse_refine == 0
 
 
 def test_run_py_starts_as_a_script() -> None:

@@ -34,7 +34,7 @@ from bench.report import (
     verdict_table,
 )
 from bench.services import counted_between
-from bench.sse import StreamStep, combine_streams, held, ladder_steps, stagger
+from bench.sse import StreamStep, combine_streams, held, ladder, ladder_steps, stagger
 from bench.workload import (
     BODY,
     FORWARDED_BY_GATEWAY,
@@ -104,10 +104,37 @@ def test_a_step_holds_when_every_stream_is_whole_and_p99_within_the_limit() -> N
     assert step(25, math.nan, measured=0).why_not() == "no stream started within the window"
 
 
-def test_held_is_the_last_step_of_the_unbroken_run_from_the_first() -> None:
+def test_held_is_the_largest_held_step_below_every_miss() -> None:
     assert held([step(25, 5.0), step(50, 20.0), step(100, 80.0)]) == 50
     assert held([step(25, 60.0), step(50, 20.0)]) == 0
     assert held([]) == 0
+    # a halving that held, one that missed, and a noisy hold above a miss (not counted)
+    assert held([step(50, 9.0), step(100, 80.0), step(75, 40.0), step(87, 51.0)]) == 75
+    assert held([step(50, 9.0), step(100, 80.0), step(75, 60.0), step(90, 40.0)]) == 50
+
+
+def test_the_ladder_climbs_to_the_first_miss_then_halves_the_gap() -> None:
+    """A target that holds up to 160 streams: the doublings say 100 to 199, three halvings
+    say 150 to 161."""
+    asked: list[int] = []
+
+    def target(n: int) -> StreamStep:
+        asked.append(n)
+        return step(n, 10.0 if n <= 160 else 90.0)
+
+    steps = ladder((25, 50, 100, 200, 400), 3, target)
+    assert asked == [25, 50, 100, 200, 150, 175, 162]
+    assert [s.streams for s in steps] == asked
+    assert held(steps) == 150
+    # the halvings stop once the gap is closed; none when every step held or none asked
+    asked.clear()
+    assert held(ladder((158, 163), 10, target)) == 160
+    assert asked == [158, 163, 160, 161]
+    asked.clear()
+    assert held(ladder((25, 50), 3, target)) == 50 and asked == [25, 50]
+    asked.clear()
+    into: list[StreamStep] = []
+    assert ladder((100, 200), 0, target, into) is into and asked == [100, 200]
 
 
 def test_stream_outcomes_combine_into_one_step() -> None:
