@@ -99,13 +99,16 @@ def ladder(
             break
     else:
         return done  # every step held: nothing to refine
+    most, least = held(done), done[-1].streams
     for _ in range(refine):
-        most = held(done)
-        least = min(s.streams for s in done if not s.holds())
         middle = (most + least) // 2
         if not most < middle < least:
             break
         done.append(run(middle))
+        if done[-1].holds():
+            most = middle
+        else:
+            least = middle
     return done
 
 
