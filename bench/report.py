@@ -317,6 +317,10 @@ def bars(outcome: Outcome) -> list[Bar]:
                 _judged(x, x >= WORKERS_BAR),
             )
         )
+        # Whether a second worker costs more per request (a shared lock, a hot row) or the
+        # machine simply had no CPU to give it: the same cost per request means the latter.
+        costs = " / ".join(f"{cpu_per_request(r)[0]:.2f}" for r in (one, two))
+        out.append(Bar("  extra", "gateway CPU ms per request, 1 worker / 2", costs, "", None))
     if outcome.run_ledger is not None:
         check = outcome.run_ledger
         out.append(
