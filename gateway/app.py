@@ -68,7 +68,7 @@ def build_app(
         limiter=limiter,
         metrics=metrics,
         thresholds=Thresholds(ledger, session, env),
-        leases=Leases(ledger, metrics),
+        leases=Leases(ledger, limiter, metrics),
         environ=env,
     )
     app[ENVIRON] = env

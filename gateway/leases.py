@@ -21,6 +21,17 @@ its answer (``Exchange``) instead of before the answer's last byte. What holds:
 - **The crash story.** A process that dies leaves its holds held, drawn or not; the sweeper
   refunds them at their expiry. The charge of an answer already delivered whose commit had
   not landed is lost with it: in the customer's favour, never against it.
+
+The same caller's requests are admitted by the limits the same way, when blocks and rates
+are all that judge them (``Limiter.leasable``; a minimum interval, a concurrency cap or a
+token rate needs each request's own judgement): admissions made ahead in one Redis call
+(``Limiter.lease``), as many as the holds and at most half of what each rate has left, are
+drawn in memory within ``seconds``, so that such a request makes no round trip at all
+before it is forwarded. Each rate counts the leased hits from the moment they are made
+until its window has passed after the last moment they could be drawn, so no rate is ever
+exceeded, whichever process admits; hits not drawn in time go back to the rate, and those
+of a process that dies age out (its caller may be refused early, never admitted over the
+rate). A block reaches leased requests within ``seconds``.
 """
 
 from __future__ import annotations
@@ -32,12 +43,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.auth import Principal
 from gateway.errors import LedgerError, LedgerUnavailable
 from gateway.gate import reserve_holds
 from gateway.ledger import Ledger, ReserveOutcome
+from gateway.limits.admission import Admission, Leased
+from gateway.limits.config import Effective
+from gateway.limits.limiter import Limiter
 from gateway.metrics import Metrics
 from gateway.rules import LeasesConfig, Route, Rules
 
@@ -51,6 +65,7 @@ WINDOW_SECONDS = 0.1
 MAX_LEASES = 10_000
 
 _Key = tuple[str, str, str, str]  # rules version, organization, user, route
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,12 +76,14 @@ class _Lease:
     holds: deque[tuple[float, ReserveOutcome]] = field(default_factory=deque)
     seen: int = 0
     seen_before: int = 0
-    want: int = 0  # holds the caller's demand calls for (0: too few requests)
+    want: int = 0  # holds (and admissions) the caller's demand calls for (0: too few requests)
     making: asyncio.Task[None] | None = None  # holds being made
+    admits: deque[tuple[float, Leased]] = field(default_factory=deque)
+    admitting: asyncio.Task[None] | None = None  # admissions being made
 
     @property
     def refilling(self) -> bool:
-        return self.making is not None and not self.making.done()
+        return _running(self.making) or _running(self.admitting)
 
     def demand(self, now: float) -> int:
         if now - self.window >= WINDOW_SECONDS:
@@ -76,10 +93,22 @@ class _Lease:
 
     def stale(self, oldest: float) -> list[ReserveOutcome]:
         """Take out the holds made before ``oldest``."""
-        out: list[ReserveOutcome] = []
-        while self.holds and self.holds[0][0] < oldest:
-            out.append(self.holds.popleft()[1])
-        return out
+        return _older(self.holds, oldest)
+
+    def stale_admits(self, oldest: float) -> list[Leased]:
+        """Take out the admissions made before ``oldest``."""
+        return _older(self.admits, oldest)
+
+
+def _running(task: asyncio.Task[None] | None) -> bool:
+    return task is not None and not task.done()
+
+
+def _older(made: deque[tuple[float, T]], oldest: float) -> list[T]:
+    out: list[T] = []
+    while made and made[0][0] < oldest:
+        out.append(made.popleft()[1])
+    return out
 
 
 class Leases:
@@ -88,9 +117,15 @@ class Leases:
     their own, which ``close`` waits for."""
 
     def __init__(
-        self, ledger: Ledger, metrics: Metrics, *, clock: Callable[[], float] = time.monotonic
+        self,
+        ledger: Ledger,
+        limiter: Limiter,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
+        self._limiter = limiter
         self._metrics = metrics
         self._clock = clock
         self._leases: dict[_Key, _Lease] = {}
@@ -127,6 +162,62 @@ class Leases:
         outside = drawn.remaining - len(lease.holds) * route.cost
         self._refill(lease, outside, config, rules, route, principal)
         return drawn
+
+    def admit(
+        self,
+        config: LeasesConfig,
+        rules: Rules,
+        route: Route,
+        principal: Principal,
+        limits: Effective,
+    ) -> Admission | None:
+        """An admission made for this caller within the last ``config.seconds``; None when
+        there is none: admit as usual. Asks for more in the background while the caller's
+        requests come fast enough to use them (the demand its holds are made for), when
+        blocks and rates are all its limits (``Limiter.leasable``). No I/O of its own."""
+        lease = self._lease(rules, route, principal)
+        if lease is None:
+            return None
+        stale = lease.stale_admits(self._clock() - config.seconds)
+        if stale:
+            self._spawn(self._give_back_admits(stale))
+        drawn = lease.admits.popleft()[1] if lease.admits else None
+        if drawn is not None:
+            self._metrics.leased_admissions.labels("drawn").inc()
+        held = len(lease.admits)
+        if lease.want and held <= lease.want // 2 and not _running(lease.admitting):
+            org, user, token_type = principal.org, principal.user, route.token_type
+            if self._limiter.leasable(org, user, token_type, limits):
+                count = lease.want - held
+                lease.admitting = self._spawn(
+                    self._make_admits(lease, count, config, principal, token_type, limits)
+                )
+        return drawn.admission if drawn is not None else None
+
+    async def _make_admits(
+        self,
+        lease: _Lease,
+        count: int,
+        config: LeasesConfig,
+        principal: Principal,
+        token_type: str,
+        limits: Effective,
+    ) -> None:
+        made = self._clock()
+        admits = await self._limiter.lease(
+            principal.org, principal.user, token_type, limits, count, config.seconds
+        )
+        if not admits:
+            return
+        self._metrics.leased_admissions.labels("made").inc(len(admits))
+        if self._closed:
+            await self._give_back_admits(admits)
+        else:
+            lease.admits.extend((made, one) for one in admits)
+
+    async def _give_back_admits(self, admits: list[Leased]) -> None:
+        returned = await self._limiter.give_back(admits)
+        self._metrics.leased_admissions.labels("returned").inc(returned)
 
     def reserved(
         self,
@@ -166,7 +257,7 @@ class Leases:
         what it wants, and so that its holds stay within what the account has left
         outside them (``remaining``, as the ledger last said)."""
         held = len(lease.holds)
-        if not lease.want or lease.refilling or held > lease.want // 2:
+        if not lease.want or _running(lease.making) or held > lease.want // 2:
             return
         count = min(lease.want - held, (remaining // route.cost - held) // 2)
         if count > 0:
@@ -237,13 +328,18 @@ class Leases:
         switched off by a reload) and forget idle callers."""
         now = self._clock()
         stale: list[ReserveOutcome] = []
+        admits: list[Leased] = []
         for key, lease in list(self._leases.items()):
             oldest = now - config.seconds if config is not None else float("inf")
             stale += lease.stale(oldest)
-            if not lease.holds and not lease.refilling and now - lease.window > 20 * WINDOW_SECONDS:
+            admits += lease.stale_admits(oldest)
+            idle = not lease.holds and not lease.admits and not lease.refilling
+            if idle and now - lease.window > 20 * WINDOW_SECONDS:
                 del self._leases[key]
         if stale:
             self._spawn(self._give_back(stale, config))
+        if admits:
+            self._spawn(self._give_back_admits(admits))
 
     async def run(self, config: Callable[[], LeasesConfig | None]) -> None:
         """Sweep every half of ``seconds`` (``config`` is read each round: a reload may
@@ -257,6 +353,11 @@ class Leases:
     def held(self) -> int:
         """Holds made and not drawn yet, in this process."""
         return sum(len(lease.holds) for lease in self._leases.values())
+
+    @property
+    def admitted_ahead(self) -> int:
+        """Admissions made and not drawn yet, in this process."""
+        return sum(len(lease.admits) for lease in self._leases.values())
 
     async def close(self) -> None:
         """Make no more holds, wait for those being made, and give back every undrawn

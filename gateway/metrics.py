@@ -76,6 +76,13 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.leased_admissions = Counter(
+            "gateway_leased_admissions",
+            "Admissions made ahead of demand by the limits (ledger.leases), by event: made, "
+            "drawn by a request, returned undrawn",
+            ["event"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "gateway_store_errors", "Errors reaching a store (ledger, redis)", ["store"], registry=r
         )

@@ -68,20 +68,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
     amount = usage.hold if usage is not None else route.cost
     limits = await state.limits_for(principal.org, route, rules)
-    # Limits before the ledger: a request refused by a limit is never charged.
-    with state.metrics.redis_seconds.time():
-        admission = await limiter.admit(
-            principal.org,
-            principal.user,
-            route.token_type,
-            limits,
-            route.upstream.timeout_seconds,
-            tokens=amount,
-        )
-    # Leases: a fixed-cost request without an idempotency key draws a hold made ahead for
-    # its caller (if there is one) and is charged just after its answer.
+    # Leases: a fixed-cost request without an idempotency key draws an admission and a
+    # hold made ahead for its caller (if there are) and is charged just after its answer.
     leases = rules.document.ledger.leases
     deferred = leases is not None and key is None and usage is None
+    # Limits before the ledger: a request refused by a limit is never charged.
+    admission = (
+        state.leases.admit(leases, rules, route, principal, limits) if leases and deferred else None
+    )
+    if admission is None:
+        with state.metrics.redis_seconds.time():
+            admission = await limiter.admit(
+                principal.org,
+                principal.user,
+                route.token_type,
+                limits,
+                route.upstream.timeout_seconds,
+                tokens=amount,
+            )
     leased = (
         await state.leases.draw(leases, rules, route, principal) if leases and deferred else None
     )

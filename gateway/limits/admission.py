@@ -92,6 +92,67 @@ def call(
     return names, [" ".join(map(str, args))]
 
 
+def rate_headers(limits: Effective, windows: list[tuple[int, int]], taken: int) -> dict[str, str]:
+    """The RateLimit headers of a request that found ``windows`` (per rate: hits before it,
+    reset in ms) and, with what it was admitted by, ``taken`` hits (0: refused)."""
+    if not limits.rate:
+        return {}
+    states = [
+        f'"{rate.policy_name}";r={max(0, rate.count - hits - taken)};t={retry_seconds(reset_ms)}'
+        for rate, (hits, reset_ms) in zip(limits.rate, windows, strict=True)
+    ]
+    return {"RateLimit-Policy": limits.rate_policy, "RateLimit": ", ".join(states)}
+
+
+def leasable(request: Request) -> bool:
+    """Whether admissions of ``request``'s caller can be made ahead (``lua/lease.lua``):
+    when blocks and rates are all it is judged by, and at least one applies."""
+    limits = request.limits
+    return (
+        limits.min_interval is None
+        and limits.concurrency is None
+        and not limits.tokens
+        and (request.blocks or bool(limits.rate))
+    )
+
+
+class Leased(NamedTuple):
+    """One admission made ahead: its hit in each rate's log (``member`` in each of
+    ``keys``), and what a request drawing it is admitted with."""
+
+    keys: tuple[str, ...]
+    member: str
+    admission: Admission
+
+
+def lease_call(
+    keys: Keys, request: Request, *, now: int, prefix: str, take: int, until: int
+) -> tuple[list[str], list[int | str]]:
+    """The keys and arguments of lease.lua: up to ``take`` admissions, drawn until
+    ``until``; their hits' members start with ``prefix``."""
+    org, user, limits = request.org, request.user, request.limits
+    names = keys.blocks(org, user) if request.blocks else []
+    names += [keys.rate(org, user, rate) for rate in limits.rate]
+    args: list[int | str] = [now, prefix, 2 if request.blocks else 0, len(limits.rate), take, until]
+    for rate in limits.rate:
+        args += [rate.window_ms, rate.count]
+    return names, [" ".join(map(str, args))]
+
+
+def leased(keys: list[str], request: Request, prefix: str, answer: list[int]) -> list[Leased]:
+    """The admissions lease.lua's ``answer`` made, in the order they are to be drawn: the
+    n-th is admitted with the headers of the n-th request admitted one by one."""
+    limits = request.limits
+    if answer[0] < 1:
+        return []
+    rate_keys = tuple(keys[len(keys) - len(limits.rate) :])
+    windows = [(answer[1 + 2 * i], answer[2 + 2 * i]) for i in range(len(limits.rate))]
+    return [
+        Leased(rate_keys, f"{prefix}:{n}", Admission(headers=rate_headers(limits, windows, n)))
+        for n in range(1, answer[0] + 1)
+    ]
+
+
 def read(keys: list[str], request: Request, answer: list[int]) -> Outcome:
     """Each limit's verdict from admit.lua's ``answer`` to ``call``'s ``keys``."""
     org, user, limits = request.org, request.user, request.limits
@@ -101,14 +162,10 @@ def read(keys: list[str], request: Request, answer: list[int]) -> Outcome:
     for rate in limits.rate:
         rates.append((rate, bool(answer[at]), answer[at + 1], answer[at + 2]))
         at += 3
-    headers: dict[str, str] = {}
-    if rates:
-        states = []
-        for rate, _, hits, reset_ms in rates:
-            # A refused request took nothing: what is left is what was left before it.
-            left = rate.count - hits - 1 if admitted else max(0, rate.count - hits)
-            states.append(f'"{rate.policy_name}";r={left};t={retry_seconds(reset_ms)}')
-        headers = {"RateLimit-Policy": limits.rate_policy, "RateLimit": ", ".join(states)}
+    # A refused request took nothing: what is left is what was left before it.
+    headers = rate_headers(
+        limits, [(hits, reset_ms) for _, _, hits, reset_ms in rates], int(admitted)
+    )
 
     verdicts = [
         LimitVerdict(

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from gateway.errors import Blocked, LimiterUnavailable
 from gateway.limits import admission as judge
@@ -171,6 +171,56 @@ class Limiter:
             headers=outcome.headers,
             token_entries=token_rates.entries(outcome.token_checks, member, tokens),
         )
+
+    def leasable(self, org: str, user: str, token_type: str, limits: Effective) -> bool:
+        """Whether ``lease`` can make admissions ahead for this caller and these limits."""
+        return judge.leasable(self._request(org, user, token_type, limits, 0))
+
+    async def lease(
+        self, org: str, user: str, token_type: str, limits: Effective, count: int, seconds: float
+    ) -> list[judge.Leased]:
+        """Up to ``count`` admissions of this caller's requests, made now, to be drawn
+        within ``seconds`` (``lua/lease.lua``): the blocks are checked once, and each rate
+        counts the leased hits from now until ``seconds`` plus its window have passed, so
+        that no rate is exceeded whichever process admits. Fewer (at most half of what a
+        rate has left), or none when blocked, when the limits are not ``leasable``, or when
+        Redis does not answer (the requests are then admitted one by one)."""
+        request = self._request(org, user, token_type, limits, 0)
+        if count < 1 or not judge.leasable(request):
+            return []
+        now, prefix = self.clock_ms(), uuid.uuid4().hex
+        keys, args = judge.lease_call(
+            self._keys, request, now=now, prefix=prefix, take=count, until=now + int(seconds * 1000)
+        )
+        try:
+            answer = await self._store.run("lease", keys, args)
+        except LimiterUnavailable:
+            return []
+        return judge.leased(keys, request, prefix, answer)
+
+    async def give_back(self, leased: Sequence[judge.Leased]) -> int:
+        """Take the hits of admissions made ahead and not drawn out of their rates' logs,
+        in one round trip; how many were given back. Never raises for Redis: hits not
+        given back age out of their windows."""
+        if not leased:
+            return 0
+        members: dict[str, list[str]] = {}
+        for one in leased:
+            for key in one.keys:
+                members.setdefault(key, []).append(one.member)
+        if not members:  # blocks alone: nothing was recorded
+            return len(leased)
+        try:
+            results = await self._store.pipeline(
+                [("ZREM", key, *names) for key, names in members.items()]
+            )
+        except LimiterUnavailable as exc:
+            results = [exc]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            log.warning("could not give back admissions made ahead (they age out): %s", failed)
+            return 0
+        return len(leased)
 
     async def peek(
         self, org: str, user: str, token_type: str, limits: Effective, *, tokens: int = 0

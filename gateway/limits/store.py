@@ -39,7 +39,7 @@ log = logging.getLogger("gateway.limits")
 # a slot that no node serves yet.
 STORE_ERRORS = (RedisError, RedisClusterException, OSError)
 
-SCRIPTS = ("admit", "settle_tokens", "blocked", "refusals", "spike")
+SCRIPTS = ("admit", "lease", "settle_tokens", "blocked", "refusals", "spike")
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 CLUSTER_RETRIES = 2
 

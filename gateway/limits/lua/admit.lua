@@ -197,7 +197,10 @@ end
 for _, rate in ipairs(rates) do
   redis.call('ZREMRANGEBYSCORE', rate[1], '-inf', now - rate[2])
   redis.call('ZADD', rate[1], now, id)
-  redis.call('PEXPIRE', rate[1], rate[2])
+  -- Never shortened: a lease's hits (lease.lua) may be later than now.
+  if redis.call('PTTL', rate[1]) < rate[2] then
+    redis.call('PEXPIRE', rate[1], rate[2])
+  end
 end
 if gap then
   redis.call('SET', gap[1], now, 'PX', gap[2])
