@@ -295,7 +295,7 @@ async def test_a_master_killed_under_load_fails_open_or_closed_then_limits_hold_
         failing.kill(master)
         await asyncio.to_thread(failing.wait_for_failover, master)
         recovered_at = time.monotonic()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.5)
         stop.set()
         await asyncio.gather(*loads)
 
@@ -307,7 +307,9 @@ async def test_a_master_killed_under_load_fails_open_or_closed_then_limits_hold_
             assert during, f"{mode}: no request during the outage"
             if mode == "closed":
                 assert 503 in during
-            last = [s for t, s, _ in seen[mode] if t > recovered_at + 0.5]
+            # The client learns the new layout from its next failures, within a second or
+            # so of the cluster's own failover on these machines.
+            last = [s for t, s, _ in seen[mode] if t > recovered_at + 2.0]
             assert last and set(last) == {200}, f"{mode}: {last}"
 
         # The replica holds the limits now: exactly 3 a minute, as before.
