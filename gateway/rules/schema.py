@@ -273,8 +273,9 @@ class AlertsConfig(_Strict):
 
 class LeasesConfig(_Strict):
     """Holds made ahead of demand and charges settled after the answer (see
-    ``gateway.leases``): each process keeps up to ``max_holds`` durable holds per
-    organization, user and route, drawn within ``seconds`` of being made or given back."""
+    ``gateway.leases``): each process keeps up to ``max_holds`` durable holds (and as many
+    admissions of the limits) per organization, user and route, drawn within ``seconds`` of
+    being made or given back."""
 
     seconds: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
     max_holds: Annotated[int, Field(ge=1, le=1024, strict=True)] = 64
