@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -80,6 +81,7 @@ class _Lease:
     making: asyncio.Task[None] | None = None  # holds being made
     admits: deque[tuple[float, Leased]] = field(default_factory=deque)
     admitting: asyncio.Task[None] | None = None  # admissions being made
+    refused: float = -math.inf  # when the limits last made no admission for it
 
     @property
     def refilling(self) -> bool:
@@ -175,19 +177,26 @@ class Leases:
         there is none: admit as usual. Asks for more in the background while the caller's
         requests come fast enough to use them (the demand its holds are made for), when
         blocks and rates are all its limits (``Limiter.leasable``). No I/O of its own."""
-        lease = self._lease(rules, route, principal)
+        lease = self._lease(rules, route, principal, create=False)  # made by draw
         if lease is None:
             return None
-        stale = lease.stale_admits(self._clock() - config.seconds)
+        now = self._clock()
+        stale = lease.stale_admits(now - config.seconds)
+        # Made under other limits (the organization's plan changed): not drawn.
+        while lease.admits and lease.admits[0][1].limits is not limits:
+            stale.append(lease.admits.popleft()[1])
         if stale:
             self._spawn(self._give_back_admits(stale))
         drawn = lease.admits.popleft()[1] if lease.admits else None
         if drawn is not None:
             self._metrics.leased_admissions.labels("drawn").inc()
         held = len(lease.admits)
+        # Refused a lease (blocked, or the rate nearly used up): not asked again for a while.
         if lease.want and held <= lease.want // 2 and not _running(lease.admitting):
             org, user, token_type = principal.org, principal.user, route.token_type
-            if self._limiter.leasable(org, user, token_type, limits):
+            if now - lease.refused >= config.seconds and self._limiter.leasable(
+                org, user, token_type, limits
+            ):
                 count = lease.want - held
                 lease.admitting = self._spawn(
                     self._make_admits(lease, count, config, principal, token_type, limits)
@@ -208,6 +217,7 @@ class Leases:
             principal.org, principal.user, token_type, limits, count, config.seconds
         )
         if not admits:
+            lease.refused = self._clock()
             return
         self._metrics.leased_admissions.labels("made").inc(len(admits))
         if self._closed:
@@ -233,12 +243,14 @@ class Leases:
         if lease is not None:
             self._refill(lease, outcome.remaining, config, rules, route, principal)
 
-    def _lease(self, rules: Rules, route: Route, principal: Principal) -> _Lease | None:
+    def _lease(
+        self, rules: Rules, route: Route, principal: Principal, *, create: bool = True
+    ) -> _Lease | None:
         if self._closed:
             return None
         key = (rules.version, principal.org, principal.user, route.name)
         lease = self._leases.get(key)
-        if lease is None:
+        if lease is None and create:
             if len(self._leases) >= MAX_LEASES:
                 return None
             lease = self._leases[key] = _Lease(window=self._clock())

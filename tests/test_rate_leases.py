@@ -238,3 +238,70 @@ async def test_two_processes_never_exceed_a_rate_together(
         assert await client.zcard(keys.rate("acme", "user-1", rate)) == forwarded
     finally:
         await client.aclose()
+
+
+async def test_a_gateway_clock_behind_redis_never_empties_a_rate(
+    serve: Callable[..., Awaitable[Served]], clock: Clock
+) -> None:
+    """The rate log's expiry is set from now, not at a time of the gateway's clock: a
+    gateway an hour behind Redis still keeps the lease's hits for their window."""
+    clock.advance(hours=-1)
+    served = await serve(per_minute=100)
+    assert [(await served.chat()).status for _ in range(12)] == [200] * 12
+    await asyncio.sleep(0.05)
+    ahead = served.client.app[STATE].leases.admitted_ahead
+    assert ahead > 0
+    assert await served.hits() == 12 + ahead
+    rate = served.rules.document.limits.default.rate[0]
+    ttl = await served.redis.pttl(served.keys.rate("acme", "user-1", rate))
+    assert 60_000 <= ttl <= 65_000  # its window, plus the lease's 5 seconds
+
+
+async def test_a_lease_call_run_twice_takes_its_admissions_once(
+    redis_url: str, clock: Clock
+) -> None:
+    """A client that lost a lease call's answer and ran it again (a cluster client
+    retries) leaves no hits of the first run behind, unknown to any process."""
+    from gateway.limits import admission as judge
+    from gateway.limits.config import LimitsConfig, effective
+    from gateway.limits.store import Store, connect
+
+    config = LimitsConfig.model_validate(
+        {"default": {"rate": [{"limit": "10/minute", "per": "user"}], "min_interval": None}}
+    )
+    request = judge.Request("acme", "u", "general", effective(config, None, None), 0, True)
+    keys = Keys(f"t{uuid.uuid4().hex[:12]}:")
+    now = clock.ms()
+    names, args = judge.lease_call(keys, request, now=now, prefix="p", take=4, until=now + 1000)
+    store = Store(connect(redis_url))
+    try:
+        first = await store.run("lease", names, args)
+        again = await store.run("lease", names, args)
+        assert first[0] == again[0] == 4
+        assert await store.client.zcard(names[-1]) == 4
+        assert await store.client.delete(*names[-1:]) == 1
+    finally:
+        await store.close()
+
+
+async def test_admissions_made_under_another_plan_are_not_drawn(
+    serve: Callable[..., Awaitable[Served]], ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An organization moved to a plan with other limits is judged by them at once, not
+    by admissions its old plan's limits made ahead."""
+    monkeypatch.setattr("gateway.state.PLAN_CACHE_SECONDS", 0.0)
+    limits = (
+        "limits:\n  default: {rate: [{limit: 100/minute, per: user}], min_interval: null}\n"
+        "  plans:\n    enterprise: {rate: [{limit: 1/minute, per: user}]}\n" + NO_BLOCKS
+    )
+    served = await serve(limits=limits)
+    assert [(await served.chat()).status for _ in range(12)] == [200] * 12
+    await asyncio.sleep(0.05)
+    state = served.client.app[STATE]
+    assert state.leases.admitted_ahead > 0
+    assert await ledger.set_plan("acme", "enterprise")
+    statuses = [(await served.chat()).status for _ in range(4)]
+    assert statuses == [200, 429, 429, 429]
+    assert len(served.upstream.seen) == 13
+    await asyncio.sleep(0.05)
+    assert served.metric("returned") > 0

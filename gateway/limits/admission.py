@@ -118,10 +118,11 @@ def leasable(request: Request) -> bool:
 
 class Leased(NamedTuple):
     """One admission made ahead: its hit in each rate's log (``member`` in each of
-    ``keys``), and what a request drawing it is admitted with."""
+    ``keys``), the limits that judged it, and what a request drawing it is admitted with."""
 
     keys: tuple[str, ...]
     member: str
+    limits: Effective
     admission: Admission
 
 
@@ -148,8 +149,19 @@ def leased(keys: list[str], request: Request, prefix: str, answer: list[int]) ->
     rate_keys = tuple(keys[len(keys) - len(limits.rate) :])
     windows = [(answer[1 + 2 * i], answer[2 + 2 * i]) for i in range(len(limits.rate))]
     return [
-        Leased(rate_keys, f"{prefix}:{n}", Admission(headers=rate_headers(limits, windows, n)))
+        Leased(
+            rate_keys, f"{prefix}:{n}", limits, Admission(headers=rate_headers(limits, windows, n))
+        )
         for n in range(1, answer[0] + 1)
+    ]
+
+
+def unanswered(keys: list[str], request: Request, prefix: str, take: int) -> list[Leased]:
+    """Every admission a lease call that went unanswered may have made (it may have run):
+    to give back."""
+    rate_keys = tuple(keys[len(keys) - len(request.limits.rate) :])
+    return [
+        Leased(rate_keys, f"{prefix}:{n}", request.limits, Admission()) for n in range(1, take + 1)
     ]
 
 

@@ -195,6 +195,9 @@ class Limiter:
         try:
             answer = await self._store.run("lease", keys, args)
         except LimiterUnavailable:
+            # It may have run all the same (a timeout): its hits would count until their
+            # window passed, refusing the caller early. Taken back if Redis answers now.
+            await self.give_back(judge.unanswered(keys, request, prefix, count))
             return []
         return judge.leased(keys, request, prefix, answer)
 

@@ -29,6 +29,20 @@ local now, prefix = tonumber(A[1]), A[2]
 local n_blocks, n_rates = tonumber(A[3]), tonumber(A[4])
 local take, at = tonumber(A[5]), tonumber(A[6])
 
+-- A call run again under the same prefix (a client that lost the first answer retries)
+-- replaces the first run's hits instead of adding to them: none is left behind unknown.
+local first = prefix .. ':1'
+for i = 1, n_rates do
+  local key = KEYS[n_blocks + i]
+  if redis.call('ZSCORE', key, first) then
+    local mine = {}
+    for j = 1, tonumber(A[5]) do
+      mine[#mine + 1] = prefix .. ':' .. j
+    end
+    redis.call('ZREM', key, unpack(mine))
+  end
+end
+
 for i = 1, n_blocks do
   local ends = redis.call('GET', KEYS[i])
   if ends and tonumber(ends) > now then
@@ -65,9 +79,11 @@ for _, rate in ipairs(rates) do
     members[#members + 1] = prefix .. ':' .. j
   end
   redis.call('ZADD', rate[1], unpack(members))
-  -- Kept until the last hit leaves the window (neither script ever shortens this).
-  if redis.call('PTTL', rate[1]) < at + rate[2] - now then
-    redis.call('PEXPIREAT', rate[1], at + rate[2])
+  -- Kept until the last hit leaves the window (neither script ever shortens this); in
+  -- milliseconds from now, so that only the gateways' clocks matter, not Redis's.
+  local ttl = at + rate[2] - now
+  if redis.call('PTTL', rate[1]) < ttl then
+    redis.call('PEXPIRE', rate[1], ttl)
   end
 end
 return result
