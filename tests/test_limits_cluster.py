@@ -113,6 +113,36 @@ async def test_rates(limiters: MakeLimiter, clock: Clock) -> None:
         await limiter.admit("globex", "d", "general", shared, 10)
 
 
+async def test_admissions_leased_by_replicas_share_a_rate_exactly(
+    limiters: MakeLimiter, clock: Clock
+) -> None:
+    """Two replicas take admissions ahead (half of what is left at most), one more admits
+    request by request: together they admit exactly the rate's 30, and what a replica
+    gives back is free again."""
+    one, two, exact = limiters(), limiters(), limiters()
+    limits = only(rate=(RateLimit(limit="30/minute"),))
+    first = await one.lease("acme", "alice", "general", limits, 64, 1.0)
+    second = await two.lease("acme", "alice", "general", limits, 64, 1.0)
+    assert (len(first), len(second)) == (15, 7)
+    assert [a.admission.headers["RateLimit"] for a in first[:2]] == [
+        '"user-30-per-60s";r=29;t=60',
+        '"user-30-per-60s";r=28;t=60',
+    ]
+    admitted = 0
+    with pytest.raises(RateLimited):
+        while True:
+            await exact.admit("acme", "alice", "general", limits, 10)
+            admitted += 1
+    assert admitted == 30 - 15 - 7
+    assert await two.give_back(second) == 7
+    for _ in range(7):
+        await exact.admit("acme", "alice", "general", limits, 10)
+    with pytest.raises(RateLimited):
+        await exact.admit("acme", "alice", "general", limits, 10)
+    clock.advance(seconds=62)  # the window, plus the lease's second, has passed
+    assert len(await one.lease("acme", "alice", "general", limits, 64, 1.0)) == 15
+
+
 async def test_the_minimum_interval(limiters: MakeLimiter, clock: Clock) -> None:
     limiter = limiters()
     limits = only(min_interval=MinInterval(seconds=3))
