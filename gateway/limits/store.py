@@ -40,6 +40,7 @@ log = logging.getLogger("gateway.limits")
 STORE_ERRORS = (RedisError, RedisClusterException, OSError)
 
 SCRIPTS = ("admit", "lease", "settle_tokens", "blocked", "refusals", "spike")
+WINDOWED = frozenset({"admit", "lease"})  # the scripts that read rate windows (window.lua)
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 CLUSTER_RETRIES = 2
 
@@ -142,7 +143,11 @@ class Store:
         self._ready = not isinstance(client, RedisCluster)
         self._timeout = None if isinstance(client, RedisCluster) else ANSWER_SECONDS
         lua = resources.files("gateway.limits").joinpath("lua")
-        texts = {name: lua.joinpath(f"{name}.lua").read_text() for name in SCRIPTS}
+        window = lua.joinpath("window.lua").read_text()  # shared by the rates' scripts
+        texts = {
+            name: (window if name in WINDOWED else "") + lua.joinpath(f"{name}.lua").read_text()
+            for name in SCRIPTS
+        }
         self._scripts = {
             name: Script(text, hashlib.sha1(text.encode()).hexdigest())
             for name, text in texts.items()

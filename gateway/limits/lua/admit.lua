@@ -81,12 +81,7 @@ result[2], result[3] = blocked, block_retry
 local rates = {}
 for i = 1, n_rates do
   local key, window, count = next_key(), next_arg(), next_arg()
-  local hits = redis.call('ZCOUNT', key, now - window + 1, '+inf')
-  local oldest = redis.call('ZRANGEBYSCORE', key, now - window + 1, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  local reset = window
-  if oldest[2] then
-    reset = tonumber(oldest[2]) + window - now
-  end
+  local hits, reset = in_window(key, window, now)  -- window.lua
   rates[i] = {key, window}
   answer(hits < count and 1 or 0, hits, reset)
 end

@@ -55,12 +55,7 @@ local rates = {}
 for i = 1, n_rates do
   local key = KEYS[n_blocks + i]
   local window, count = tonumber(A[5 + 2 * i]), tonumber(A[6 + 2 * i])
-  local hits = redis.call('ZCOUNT', key, now - window + 1, '+inf')
-  local oldest = redis.call('ZRANGEBYSCORE', key, now - window + 1, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  local reset = window
-  if oldest[2] then
-    reset = tonumber(oldest[2]) + window - now
-  end
+  local hits, reset = in_window(key, window, now)  -- window.lua
   take = math.min(take, math.floor((count - hits) / 2))
   rates[i] = {key, window}
   result[#result + 1] = hits
