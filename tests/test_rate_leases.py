@@ -63,6 +63,17 @@ class Served:
         rate = self.rules.document.limits.default.rate[0]
         return int(await self.redis.zcard(self.keys.rate("acme", user, rate)))
 
+    async def ahead(self, admitted: int) -> int:
+        """The admissions this process holds ahead, once the rate's log counts them besides
+        the ``admitted`` requests (a lease being made may still be on its way); 0 if it
+        never does within a second."""
+        for _ in range(20):
+            ahead = self.client.app[STATE].leases.admitted_ahead
+            if await self.hits() == admitted + ahead:
+                return ahead
+            await asyncio.sleep(0.05)
+        return 0
+
     def metric(self, event: str) -> float:
         body, _ = self.client.app[STATE].metrics.render()
         line = f'gateway_leased_admissions_total{{event="{event}"}} '.encode()
@@ -116,13 +127,17 @@ async def test_a_busy_callers_admissions_come_from_leases_and_its_rate_holds_exa
     holds exactly the 40 served."""
     served = await serve(per_minute=40)
     answers = [await served.chat() for _ in range(60)]
-    assert [a.status for a in answers] == [200] * 40 + [429] * 20
-    assert {(await a.json())["code"] for a in answers[40:]} == {"rate_limited"}
+    # (A lease's answer can still be on its way when a request is refused: the order of
+    # the last few may vary, never the count.)
+    assert Counter(a.status for a in answers) == {200: 40, 429: 20}
+    refused = [a for a in answers if a.status == 429]
+    assert {(await a.json())["code"] for a in refused} == {"rate_limited"}
     assert len(served.upstream.seen) == 40
     assert served.metric("drawn") >= 20, "a busy caller's requests are admitted from leases"
     # Each admission took its own place in the window: 39 left after the first, 0 after
     # the 40th, whichever way it was admitted.
-    left = sorted(int(a.headers["RateLimit"].split(";r=")[1].split(";")[0]) for a in answers[:40])
+    answered = [a for a in answers if a.status == 200]
+    left = sorted(int(a.headers["RateLimit"].split(";r=")[1].split(";")[0]) for a in answered)
     assert left == list(range(40))
     state = served.client.app[STATE]
     await state.leases.close()  # what shutdown does: undrawn admissions go back
@@ -135,11 +150,9 @@ async def test_admissions_not_drawn_in_time_are_given_back(
 ) -> None:
     served = await serve(per_minute=100, seconds=0.4)
     assert [(await served.chat()).status for _ in range(12)] == [200] * 12
-    await asyncio.sleep(0.05)
     state = served.client.app[STATE]
-    ahead = state.leases.admitted_ahead
-    assert ahead > 0
-    assert await served.hits() == 12 + ahead  # counted from the moment they are made
+    ahead = await served.ahead(12)
+    assert ahead > 0  # and counted by the rate from the moment they are made
     await asyncio.sleep(1.0)  # past their time, and a sweep (every seconds / 2)
     assert state.leases.admitted_ahead == 0
     assert await served.hits() == 12
@@ -248,10 +261,8 @@ async def test_a_gateway_clock_behind_redis_never_empties_a_rate(
     clock.advance(hours=-1)
     served = await serve(per_minute=100)
     assert [(await served.chat()).status for _ in range(12)] == [200] * 12
-    await asyncio.sleep(0.05)
-    ahead = served.client.app[STATE].leases.admitted_ahead
+    ahead = await served.ahead(12)
     assert ahead > 0
-    assert await served.hits() == 12 + ahead
     rate = served.rules.document.limits.default.rate[0]
     ttl = await served.redis.pttl(served.keys.rate("acme", "user-1", rate))
     assert 60_000 <= ttl <= 65_000  # its window, plus the lease's 5 seconds
