@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -180,6 +181,12 @@ async def start_serve(
     proc.kill()
     await proc.wait()
     raise AssertionError(f"gateway serve on port {port} did not become healthy")
+
+
+async def stop_serve(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` (SIGTERM: a graceful stop) to a ``start_serve`` process and wait for it."""
+    proc.send_signal(sig)
+    await asyncio.wait_for(proc.wait(), timeout=30)
 
 
 @pytest.fixture

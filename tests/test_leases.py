@@ -31,6 +31,7 @@ from tests.conftest import (
     process_env,
     rules_yaml,
     start_serve,
+    stop_serve,
 )
 from tests.upstream import Upstream
 
@@ -246,11 +247,6 @@ def _write_rules(tmp_path: Path, upstream_url: str) -> Path:
     return path
 
 
-async def _stop(proc: asyncio.subprocess.Process, sig: int) -> None:
-    proc.send_signal(sig)
-    await asyncio.wait_for(proc.wait(), timeout=30)
-
-
 async def test_two_processes_serving_one_account_never_overspend_it(
     ledger: Ledger,
     database_url: str,
@@ -283,7 +279,7 @@ async def test_two_processes_serving_one_account_never_overspend_it(
             assert set(statuses) <= {200, 402}, statuses
     finally:
         for proc in procs:
-            await _stop(proc, signal.SIGTERM)  # graceful: undrawn holds go back
+            await stop_serve(proc, signal.SIGTERM)  # graceful: undrawn holds go back
     rows = await settled_journal(ledger, "acme")
     commits = [r for r in rows if r["kind"] == "commit"]
     paid = len([s for s in upstream[0].seen if s.headers.get("X-Gateway-Organization")])
@@ -321,7 +317,7 @@ async def test_a_crashed_process_never_charges_more_than_it_delivered(
                 await resp.read()
                 delivered += resp.status == 200
     finally:
-        await _stop(proc, signal.SIGKILL)
+        await stop_serve(proc, signal.SIGKILL)
     assert delivered == 40
     clock.advance(hours=1)
     # A statement the killed process had sent may still commit after it died (holds it

@@ -7,7 +7,6 @@ upstream and what the rate's own log in Redis holds, not only the status codes."
 from __future__ import annotations
 
 import asyncio
-import signal
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,15 @@ from gateway.limits.limiter import Limiter
 from gateway.rules import Rules, parse_rules
 from gateway.runtime import free_port
 from gateway.state import STATE
-from tests.conftest import ENVIRON, Clock, bearer, process_env, rules_yaml, start_serve
+from tests.conftest import (
+    ENVIRON,
+    Clock,
+    bearer,
+    process_env,
+    rules_yaml,
+    start_serve,
+    stop_serve,
+)
 from tests.upstream import Upstream
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -192,11 +199,6 @@ async def test_limits_judged_request_by_request_are_never_leased(
     assert await served.hits() == 20
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    proc.send_signal(signal.SIGTERM)  # graceful: undrawn admissions go back
-    await asyncio.wait_for(proc.wait(), timeout=30)
-
-
 async def test_two_processes_never_exceed_a_rate_together(
     ledger: Ledger,
     database_url: str,
@@ -236,7 +238,7 @@ async def test_two_processes_never_exceed_a_rate_together(
                         drawn += float(row.split()[-1])
     finally:
         for proc in procs:
-            await _stop(proc)
+            await stop_serve(proc)  # graceful: undrawn admissions go back
     assert set(served) <= {200, 429}, served
     forwarded = len([s for s in upstream[0].seen if s.headers.get("X-Gateway-Organization")])
     assert forwarded == served[200] <= 50

@@ -146,7 +146,7 @@ def leased(keys: list[str], request: Request, prefix: str, answer: list[int]) ->
     limits = request.limits
     if answer[0] < 1:
         return []
-    rate_keys = tuple(keys[len(keys) - len(limits.rate) :])
+    rate_keys = _rate_keys(keys, request)
     windows = [(answer[1 + 2 * i], answer[2 + 2 * i]) for i in range(len(limits.rate))]
     return [
         Leased(
@@ -159,10 +159,15 @@ def leased(keys: list[str], request: Request, prefix: str, answer: list[int]) ->
 def unanswered(keys: list[str], request: Request, prefix: str, take: int) -> list[Leased]:
     """Every admission a lease call that went unanswered may have made (it may have run):
     to give back."""
-    rate_keys = tuple(keys[len(keys) - len(request.limits.rate) :])
+    rate_keys = _rate_keys(keys, request)
     return [
         Leased(rate_keys, f"{prefix}:{n}", request.limits, Admission()) for n in range(1, take + 1)
     ]
+
+
+def _rate_keys(keys: list[str], request: Request) -> tuple[str, ...]:
+    """The rates' logs among ``lease_call``'s keys (they come last)."""
+    return tuple(keys[len(keys) - len(request.limits.rate) :])
 
 
 def read(keys: list[str], request: Request, answer: list[int]) -> Outcome:

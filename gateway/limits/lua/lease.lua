@@ -36,7 +36,7 @@ for i = 1, n_rates do
   local key = KEYS[n_blocks + i]
   if redis.call('ZSCORE', key, first) then
     local mine = {}
-    for j = 1, tonumber(A[5]) do
+    for j = 1, take do  -- as many as the first run may have taken
       mine[#mine + 1] = prefix .. ':' .. j
     end
     redis.call('ZREM', key, unpack(mine))
