@@ -11,7 +11,7 @@ from importlib import resources
 import asyncpg
 import pytest
 
-from gateway.errors import LedgerError
+from gateway.errors import LedgerError, LedgerUnavailable
 from gateway.ledger import FUNCTION_FILES, Ledger
 from tests.conftest import Clock
 
@@ -264,6 +264,35 @@ async def test_audit_names_each_violation(ledger: Ledger, database_url: str, sch
     assert ("journal_balance_mismatch", "account acme/general") in found
     assert ("journal_balance_mismatch", "account acme/forecast") in found
     assert any(inv == "tokens_moved_by_refund" for inv, _ in found)
+
+
+async def test_an_audit_may_take_longer_than_a_request(
+    ledger: Ledger, database_url: str, schema: str, clock: Clock
+) -> None:
+    """The audit reads the whole journal: on a large ledger or a busy server it takes
+    longer than the request path's timeout, and must still finish (it failed as 'ledger
+    unavailable' after 5 s at the end of a bench run on a slow machine)."""
+    await ledger.create_org("acme", "pro")
+    held = await ledger.reserve("acme", "general", 3, ttl_seconds=TTL)
+    await ledger.commit(held.reservation_id)  # type: ignore[arg-type]
+    quick = await Ledger.connect(database_url, schema=schema, clock=clock, timeout=0.5)
+    blocker = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        # The audit waits 1.5 s for a lock: three times the requests' timeout, which a
+        # request's statement waiting for the same lock does not outlast.
+        locked = blocker.transaction()
+        await locked.start()
+        await blocker.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        audit = asyncio.ensure_future(quick.audit())
+        with pytest.raises(LedgerUnavailable):
+            await quick.balances("acme")
+        await asyncio.sleep(1.0)
+        assert not audit.done()
+        await locked.rollback()
+        assert await asyncio.wait_for(audit, 30) == []
+    finally:
+        await blocker.close()
+        await quick.close()
 
 
 async def test_outside_the_plan_never_bought_is_403_spent_out_is_402(ledger: Ledger) -> None:

@@ -236,11 +236,17 @@ class LedgerSeam:
             # asyncpg has closed the connection; the pool opens another when needed.
             log.warning("could not return a connection to the pool: %s", exc)
 
-    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(
+        self,
+        query: str,
+        *args: Any,
+        timeout: float | None = None,  # noqa: ASYNC109 - the statement's own, for asyncpg
+    ) -> list[asyncpg.Record]:
+        """``query``'s rows, within ``timeout`` seconds (default: the request path's)."""
         try:
             conn = await self._pool.acquire(timeout=self._timeout)
             try:
-                return list(await conn.fetch(query, *args, timeout=self._timeout))
+                return list(await conn.fetch(query, *args, timeout=timeout or self._timeout))
             finally:
                 self._release(conn)
         except _UNAVAILABLE as exc:
