@@ -5,6 +5,7 @@ another's."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
 import pytest
@@ -132,6 +133,70 @@ async def test_a_lone_call_is_not_delayed_into_a_batch(ledger: Ledger, concurren
         assert outcome.reservation_id is not None
         await ledger.commit(outcome.reservation_id)
     assert ledger.batches.batches == before  # each went alone, at once
+    assert ledger.batches.alone >= 10
+
+
+async def test_calls_made_in_one_turn_go_as_one_batch(
+    ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """The answers of a batch wake all of its callers in one turn of the event loop; their
+    next calls go together. (The first of them used to go alone, the rest waiting behind
+    it: the callers of a busy account moved as one convoy, and each kind's batches stood
+    idle while the other kind's ran.)"""
+    await ledger.create_org("hot", "pro")
+    coalescer = ledger.batches
+    woken = asyncio.Event()
+
+    async def caller(n: int) -> uuid.UUID:
+        await woken.wait()
+        outcome = await ledger.reserve("hot", "general", 1, ttl_seconds=60, user=f"u{n}")
+        assert outcome.status == "ok" and outcome.reservation_id is not None
+        return outcome.reservation_id
+
+    callers = [asyncio.create_task(caller(n)) for n in range(20)]
+    await asyncio.sleep(0)
+    before = (coalescer.batches, coalescer.alone, coalescer.calls)
+    woken.set()
+    held = await asyncio.gather(*callers)
+    assert (coalescer.batches, coalescer.alone, coalescer.calls) == (
+        before[0] + 1,
+        before[1],
+        before[2] + 20,
+    )
+    await asyncio.gather(*(ledger.commit(r) for r in held))  # settled together too
+    assert (coalescer.batches, coalescer.alone) == (before[0] + 2, before[1])
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:  # one transaction made the 20 reservations, one settled them
+        made = await conn.fetchval(
+            "SELECT count(DISTINCT j.xmin::text) FROM journal j"
+            " WHERE j.org_id = 'hot' AND j.kind = 'reserve'"
+        )
+        settled = await conn.fetchval(
+            "SELECT count(DISTINCT r.xmin::text) FROM reservations r WHERE r.org_id = 'hot'"
+        )
+    finally:
+        await conn.close()
+    assert (made, settled) == (1, 1)
+    (account,) = [a for a in await ledger.balances("hot") if a.token_type == "general"]
+    assert (account.allowance, account.reserved) == (100 - 20, 0)
+
+
+async def test_a_call_cancelled_in_its_turn_leaves_the_others_to_go(ledger: Ledger) -> None:
+    await ledger.create_org("hot", "pro")
+    first = asyncio.create_task(ledger.reserve("hot", "general", 1, ttl_seconds=60))
+    others = [
+        asyncio.create_task(ledger.reserve("hot", "general", 2, ttl_seconds=60)) for _ in range(3)
+    ]
+    await asyncio.sleep(0)  # the first waits its turn; the others joined it
+    first.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*others), 10)
+    assert [o.status for o in outcomes] == ["ok"] * 3
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    (account,) = [a for a in await ledger.balances("hot") if a.token_type == "general"]
+    assert account.reserved == 6  # the cancelled call reserved nothing
+    lone = await ledger.reserve("hot", "general", 1, ttl_seconds=60)  # nothing left stuck
+    assert lone.status == "ok"
 
 
 async def test_a_refund_does_not_wait_for_its_flush_and_a_commit_does(

@@ -2,11 +2,13 @@
 transaction.
 
 A call made while a batch of its kind is in flight waits for the next one, which takes
-every call of that kind that arrived meanwhile; a call made when none is in flight goes at
-once, alone. A batch is one call of a set-based server-side function (``gw_reserve_many``,
-``gw_settle_many`` in ``sql/batch.sql``) that gives each call the answer and the rows its
-single function (``gw_reserve``, ``gw_settle``) would, while locking and writing each
-account once per batch. Nobody's future resolves before the batch's transaction has
+every call of that kind that arrived meanwhile; a call made when none is in flight goes
+after one turn of the event loop, with the calls made in that turn (alone if none was: at
+concurrency 1 nothing waits for a timer or for another call). A batch is one call of a
+set-based server-side function (``gw_reserve_many``, ``gw_settle_many`` in
+``sql/batch.sql``) that gives each call the answer and the rows its single function
+(``gw_reserve``, ``gw_settle``) would, while locking and writing each account once per
+batch. Nobody's future resolves before the batch's transaction has
 committed: a reservation is durable before anything is forwarded.
 
 A reserve batch and a settle batch may be in flight at once (on two connections): one
@@ -72,18 +74,37 @@ class Coalescer:
         self._pending: dict[str, list[_Call]] = {}
         self._busy: set[str] = set()  # kinds with a call or a batch in flight
         self._runners: dict[str, asyncio.Task[None]] = {}
-        self.batches = 0  # batches of more than one call, for tests and the benchmark
+        # For tests and the benchmark: batches of more than one call, calls that went
+        # alone in their caller's task, and all calls.
+        self.batches = 0
+        self.alone = 0
         self.calls = 0
 
     async def call(self, kind: Kind, args: tuple[Any, ...], order: tuple[str, ...] = ()) -> Any:
-        """Run one call of ``kind`` in the next batch of its kind and return its row: at
-        once and alone, in the caller's own task, when none of its kind is in flight."""
+        """Run one call of ``kind`` in the next batch of its kind and return its row. When
+        none of its kind is in flight, the call waits one turn of the event loop (no timer:
+        only the callbacks already due run) for the calls made in that same turn, and goes
+        with them; alone, it goes in the caller's own task."""
+        call = _Call(args, order)
+        self._pending.setdefault(kind.name, []).append(call)
         if kind.name in self._busy:
-            call = _Call(args, order)
-            self._pending.setdefault(kind.name, []).append(call)
             return await call.future
+        # The turn. The answers of a batch wake all of its callers in one turn: without it
+        # the first of them went alone and the rest waited behind it, and the callers of a
+        # busy account moved as one convoy, each kind's batches idle while the other's ran.
         self._busy.add(kind.name)
+        try:
+            await asyncio.sleep(0)
+        except BaseException:  # cancelled: the calls that joined it go without it
+            self._pending[kind.name].remove(call)
+            self._next(kind)
+            raise
+        if len(self._pending[kind.name]) > 1:
+            self._next(kind)
+            return await call.future
+        del self._pending[kind.name]
         self.calls += 1
+        self.alone += 1
         try:
             return (await self._fetch(kind.single, *args))[0]
         finally:
