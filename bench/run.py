@@ -32,7 +32,7 @@ import secrets
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from bench import load as generators
@@ -47,7 +47,7 @@ from bench.machine import CpuWindow, machine
 from bench.profile import parse_raw, start_py_spy, summary_lines
 from bench.report import Outcome, Result, print_report, summarize_log, summary
 from bench.services import ROOT, GatewayCommand, Service, free_port, wait_http
-from bench.sse import DEFAULT_STEPS, StreamStep, ladder, ladder_steps, run_streams
+from bench.sse import DEFAULT_STEPS, StreamStep, ladder_steps, ladders, run_streams
 from bench.workload import (
     BODY,
     EVENT_INTERVAL,
@@ -325,20 +325,19 @@ class Bench:
             self.outcome.latency.append(result)
 
     def part_sse(self, urls: dict[str, str], probe: LedgerProbe) -> None:
-        """The stream ladders. Each of the gateway's steps starts from a settled ledger, so
-        that what a step that missed left behind (commits and leased holds still to
-        settle) does not count against the next."""
+        """The stream ladders, side by side: each round runs the next step of each target
+        (``ladders``). Each of the gateway's steps starts from a settled ledger, so that
+        what a step that missed left behind (commits and leased holds still to settle)
+        does not count against the next."""
         args = self.args
+        runs: dict[str, Callable[[int], StreamStep]] = {}
         for label, kind, path in (
             ("passthrough", "passthrough", PATH),
             ("gateway", "gateway", PATH),
             ("gateway usage", "gateway", USAGE_PATH),
         ):
             url = urls[kind] + path + STREAM_QUERY
-            print(
-                f"\n== sse, {label}: POST {url} (stream), steps {args.sse_steps}, "
-                f"then {args.sse_refine} halving(s) of the gap at the first miss"
-            )
+            print(f"== sse, {label}: POST {url} (stream)")
 
             def one_step(
                 n: int, label: str = label, kind: str = kind, url: str = url
@@ -359,15 +358,19 @@ class Bench:
                 )
                 step.cpu = cpu.end()
                 print(
-                    f"  {n} streams: TTFB p50 {step.ttfb_p50_ms:.2f} ms, p99 "
+                    f"  {label}, {n} streams: TTFB p50 {step.ttfb_p50_ms:.2f} ms, p99 "
                     f"{step.ttfb_p99_ms:.2f} ms over {step.measured} streams; "
                     f"{'holds' if step.holds() else step.why_not()}"
                 )
                 return step
 
-            steps: list[StreamStep] = []
-            self.outcome.streams[label] = steps
-            ladder(args.sse_steps, args.sse_refine, one_step, steps)
+            runs[label] = one_step
+            self.outcome.streams[label] = []
+        print(
+            f"   steps {args.sse_steps}, then {args.sse_refine} halving(s) of the gap at "
+            "each ladder's first miss; the ladders side by side, a step of each in turn"
+        )
+        ladders(args.sse_steps, args.sse_refine, runs, self.outcome.streams)
 
     def part_hot(self) -> None:
         args = self.args

@@ -15,7 +15,7 @@ import multiprocessing
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +80,27 @@ def held(steps: Sequence[StreamStep], limit_ms: float = TTFB_LIMIT_MS) -> int:
     )
 
 
+def _climb(steps: Sequence[int], refine: int, done: list[StreamStep]) -> Iterator[int]:
+    """The step sizes of a ladder, one at a time: the caller runs each and appends its
+    ``StreamStep`` to ``done`` before asking for the next (see ``ladder``)."""
+    for n in steps:
+        yield n
+        if not done[-1].holds():
+            break
+    else:
+        return  # every step held: nothing to refine
+    most, least = held(done), done[-1].streams
+    for _ in range(refine):
+        middle = (most + least) // 2
+        if not most < middle < least:
+            break
+        yield middle
+        if done[-1].holds():
+            most = middle
+        else:
+            least = middle
+
+
 def ladder(
     steps: Sequence[int],
     refine: int,
@@ -93,23 +114,33 @@ def ladder(
     within 12). The steps run, in order, appended to ``done`` as they end (so that a run
     cut short keeps them)."""
     done = [] if done is None else done
-    for n in steps:
+    for n in _climb(steps, refine, done):
         done.append(run(n))
-        if not done[-1].holds():
-            break
-    else:
-        return done  # every step held: nothing to refine
-    most, least = held(done), done[-1].streams
-    for _ in range(refine):
-        middle = (most + least) // 2
-        if not most < middle < least:
-            break
-        done.append(run(middle))
-        if done[-1].holds():
-            most = middle
-        else:
-            least = middle
     return done
+
+
+def ladders(
+    steps: Sequence[int],
+    refine: int,
+    runs: Mapping[str, Callable[[int], StreamStep]],
+    done: Mapping[str, list[StreamStep]],
+) -> None:
+    """Several ladders (as ``ladder`` runs each) side by side: each round runs the next
+    step of every ladder still climbing, their order turned round every round, so that
+    the targets compared meet the machine as it is in the same minutes. (Run one after
+    the other, the second met a machine that had moved: the pass-through alone varied by
+    30% between runs.) Each ladder's steps are appended to ``done[label]`` as they end."""
+    climbs = {label: _climb(steps, refine, done[label]) for label in runs}
+    turn = 0
+    while climbs:
+        labels = list(climbs) if turn % 2 == 0 else list(reversed(climbs))
+        turn += 1
+        for label in labels:
+            n = next(climbs[label], None)
+            if n is None:
+                del climbs[label]
+            else:
+                done[label].append(runs[label](n))
 
 
 def ladder_steps(text: str) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,15 @@ from bench.report import (
     verdict_table,
 )
 from bench.services import counted_between
-from bench.sse import StreamStep, combine_streams, held, ladder, ladder_steps, stagger
+from bench.sse import (
+    StreamStep,
+    combine_streams,
+    held,
+    ladder,
+    ladder_steps,
+    ladders,
+    stagger,
+)
 from bench.workload import (
     BODY,
     FORWARDED_BY_GATEWAY,
@@ -135,6 +143,36 @@ def test_the_ladder_climbs_to_the_first_miss_then_halves_the_gap() -> None:
     asked.clear()
     into: list[StreamStep] = []
     assert ladder((100, 200), 0, target, into) is into and asked == [100, 200]
+
+
+def test_ladders_side_by_side_take_a_step_of_each_in_turn() -> None:
+    """Each round runs the next step of every ladder still climbing, the order turned
+    round every round; each ladder climbs and halves exactly as it would alone."""
+    asked: list[tuple[str, int]] = []
+
+    def target(label: str, limit: int) -> Callable[[int], StreamStep]:
+        def run(n: int) -> StreamStep:
+            asked.append((label, n))
+            return step(n, 10.0 if n <= limit else 90.0)
+
+        return run
+
+    done: dict[str, list[StreamStep]] = {"a": [], "b": []}
+    ladders((25, 50, 100, 200), 2, {"a": target("a", 160), "b": target("b", 60)}, done)
+    assert asked == [
+        ("a", 25), ("b", 25),
+        ("b", 50), ("a", 50),
+        ("a", 100), ("b", 100),  # b's first miss: it halves from here
+        ("b", 75), ("a", 200),  # a's first miss
+        ("a", 150), ("b", 62),  # b's last halving
+        ("a", 175),
+    ]  # fmt: skip
+    alone = {label: ladder((25, 50, 100, 200), 2, target(label, limit)) for label, limit in
+             (("a", 160), ("b", 60))}  # fmt: skip
+    assert {k: [s.streams for s in v] for k, v in done.items()} == {
+        k: [s.streams for s in v] for k, v in alone.items()
+    }
+    assert (held(done["a"]), held(done["b"])) == (150, 50)
 
 
 def test_stream_outcomes_combine_into_one_step() -> None:
