@@ -8,8 +8,8 @@ concurrency 1 nothing waits for a timer or for another call). A batch is one cal
 set-based server-side function (``gw_reserve_many``, ``gw_settle_many`` in
 ``sql/batch.sql``) that gives each call the answer and the rows its single function
 (``gw_reserve``, ``gw_settle``) would, while locking and writing each account once per
-batch. Nobody's future resolves before the batch's transaction has
-committed: a reservation is durable before anything is forwarded.
+batch. Nobody's future resolves before the batch's transaction has committed: a
+reservation is durable before anything is forwarded.
 
 A reserve batch and a settle batch may be in flight at once (on two connections): one
 prepares its rows while the other waits for its WAL flush. Both lock accounts in one order
@@ -90,8 +90,8 @@ class Coalescer:
         if kind.name in self._busy:
             return await call.future
         # The turn. The answers of a batch wake all of its callers in one turn: without it
-        # the first of them went alone and the rest waited behind it, and the callers of a
-        # busy account moved as one convoy, each kind's batches idle while the other's ran.
+        # the first of them went alone (a round trip and a flush of its own) and the rest
+        # waited behind it.
         self._busy.add(kind.name)
         try:
             await asyncio.sleep(0)
