@@ -31,28 +31,64 @@ async def upstream_body(
 ) -> AsyncIterator[bytes]:
     """The upstream's body as it comes. ``wait_seconds`` (from ``started``, monotonic) counts
     only the time spent waiting for the upstream, never the time the caller spends between
-    chunks (a slow client); past ``deadline`` (monotonic) raises ``ExchangeOverdue``."""
-    upstream_left = wait_seconds - (time.monotonic() - started)
-    chunks = upstream.content.iter_any().__aiter__()
+    chunks (a slow client): past it a read raises ``TimeoutError``; past ``deadline``
+    (monotonic) raises ``ExchangeOverdue`` (or ``TimeoutError`` in the middle of a read).
+
+    One timer for the whole body, not one per chunk: armed at a read's start for what is
+    left, it is moved only when it fires (then it cancels a read that has used up what was
+    left, or is armed again for the rest). It can fire early, never late: what is left only
+    shrinks while a read waits."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None) as timer:  # one timer, armed only while reading
+    task = asyncio.current_task()
+    assert task is not None
+    left = wait_seconds - (time.monotonic() - started)  # the upstream's time, at a read's start
+    reading_since: float | None = None  # set only while a read waits
+    expired = False
+    timer: asyncio.TimerHandle | None = None
+
+    def fire() -> None:
+        nonlocal timer, expired
+        timer = None
+        if reading_since is None:
+            return  # between reads: armed again at the next read's start
+        now = time.monotonic()
+        rest = min(left - (now - reading_since), deadline - now)
+        if rest > 0:
+            timer = loop.call_later(rest, fire)
+        else:
+            expired = True
+            task.cancel()  # the read is the only thing the task waits for meanwhile
+
+    chunks = upstream.content.iter_any().__aiter__()
+    try:
         while True:
-            waited = time.monotonic()
-            if deadline - waited < upstream_left:
+            now = time.monotonic()
+            if deadline - now < left:
                 # The client's slowness has used up the exchange's time: past its
                 # deadline the reservation could expire under a live exchange.
-                upstream_left = deadline - waited
-                if upstream_left <= 0:
+                left = deadline - now
+                if left <= 0:
                     raise ExchangeOverdue()
-            timer.reschedule(loop.time() + max(upstream_left, 0.001))
+            if timer is None:
+                timer = loop.call_later(left, fire)
+            cancelling = task.cancelling()
+            reading_since = now
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
+            except asyncio.CancelledError:
+                # Ours (and no one else's as well): the read ran out of time.
+                if expired and task.uncancel() <= cancelling:
+                    raise TimeoutError() from None
+                raise
             finally:
-                timer.reschedule(None)
-            upstream_left -= time.monotonic() - waited
+                reading_since = None
+            left -= time.monotonic() - now
             yield chunk
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 # RFC 9110 section 7.6.1, plus the de-facto proxy ones.

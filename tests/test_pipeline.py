@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import build_app
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
+from gateway.proxy import upstream_body
 from gateway.rules import Rules, parse_rules
 from gateway.state import STATE
 from tests.conftest import ENVIRON, Clock, Gateway, bearer, rules_yaml, token
@@ -199,6 +202,72 @@ async def test_reset_mid_body_is_refunded_and_the_client_sees_a_broken_response(
     assert await gateway.available("acme", "general") == before
     journal = await gateway.ledger.journal("acme", limit=1)
     assert journal[0]["kind"] == "refund" and "mid-body" in journal[0]["reason"]
+
+
+async def test_an_upstream_that_stalls_mid_stream_is_cut_off_at_its_timeout_and_refunded(
+    gateway: Gateway,
+) -> None:
+    """The upstream answers, sends one event and then nothing (its gate is never opened):
+    at its timeout (1.5 s) the client sees a broken response and nothing is charged."""
+    before = await gateway.available("acme", "general")
+    started = time.monotonic()
+    resp = await gateway.client.post("/v1/chat/stall?behave=sse", json={}, headers=bearer())
+    assert resp.status == 200
+    assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+    with pytest.raises(aiohttp.ClientError):  # broken, never complete-looking
+        await resp.read()
+    assert 1.4 < time.monotonic() - started < 6
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before
+    journal = await gateway.ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "refund"
+    assert "did not answer in time mid-body" in journal[0]["reason"]
+
+
+async def test_the_upstreams_time_is_counted_over_all_of_its_reads(gateway: Gateway) -> None:
+    """Three pauses of 0.6 s, each shorter than the upstream's 1.5 s timeout, add up to
+    more: the exchange is cut off in the third and refunded."""
+    before = await gateway.available("acme", "general")
+    started = time.monotonic()
+    resp = await gateway.client.post(
+        "/v1/chat/paced?behave=usage&pause=0.6", json={"stream": True}, headers=bearer()
+    )
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientError):  # broken, never complete-looking
+        await resp.read()
+    assert 1.4 < time.monotonic() - started < 1.8
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before
+    journal = await gateway.ledger.journal("acme", limit=1)
+    assert journal[0]["kind"] == "refund"
+    assert "did not answer in time mid-body" in journal[0]["reason"]
+
+
+async def test_a_read_runs_out_of_time_only_by_its_own_timer(
+    upstream: tuple[Upstream, str],
+) -> None:
+    """``upstream_body`` over a stalled stream: past its time a read raises TimeoutError;
+    cancelled by anything else (a shutdown) it stays cancelled, and its timer is gone."""
+    async with aiohttp.ClientSession() as session:
+        for wait_seconds, cancel_after in ((0.3, None), (30.0, 0.3)):
+            async with session.post(f"{upstream[1]}/v1/x?behave=sse", json={}) as resp:
+                started = time.monotonic()
+                body = upstream_body(resp, wait_seconds, started, started + 60)
+
+                async def read_all(body: AsyncIterator[bytes] = body) -> list[bytes]:
+                    return [chunk async for chunk in body]
+
+                reading = asyncio.create_task(read_all())
+                if cancel_after is None:
+                    with pytest.raises(TimeoutError):
+                        await reading
+                    assert 0.25 < time.monotonic() - started < 2
+                else:
+                    await asyncio.sleep(cancel_after)
+                    reading.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await reading
+                    assert reading.cancelling() == 1  # not taken back as a timeout
 
 
 async def test_sse_reaches_the_client_before_the_upstream_finishes(gateway: Gateway) -> None:
