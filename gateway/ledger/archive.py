@@ -27,7 +27,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway.errors import LedgerError, LedgerUnavailable
 from gateway.ledger.records import Clock
-from gateway.ledger.seam import _UNAVAILABLE, LedgerSeam
+from gateway.ledger.seam import _UNAVAILABLE, JOURNAL_STATEMENT_TIMEOUT, LedgerSeam
 
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
@@ -35,9 +35,6 @@ FORMAT = "metering-gateway journal archive 1"
 MONTHS_AHEAD = 3
 KEEP_RESERVATIONS_DAYS = 30
 DEFAULT_DIR = Path("journal-archive")
-# An archive statement reads or writes a month of the journal: far beyond the ledger's
-# per-request timeout.
-STATEMENT_TIMEOUT = 3600.0
 # Detaching or creating a partition locks the whole journal, and its writers queue behind
 # the lock while it waits: wait briefly (so does gw_ensure_journal_partitions), a few times.
 LOCK_TIMEOUT = "2s"
@@ -168,7 +165,7 @@ class JournalArchive(LedgerSeam):
     def of(cls, ledger: LedgerSeam) -> Self:
         """The archive of ``ledger``'s journal: the same pool and clock, and statements
         allowed to run as long as a month of the journal takes."""
-        return cls(ledger._pool, clock=ledger.clock, timeout=STATEMENT_TIMEOUT)
+        return cls(ledger._pool, clock=ledger.clock, timeout=JOURNAL_STATEMENT_TIMEOUT)
 
     async def ensure_partitions(self, months_ahead: int = MONTHS_AHEAD) -> int:
         """Create the journal's monthly partitions from this month to ``months_ahead``
@@ -229,7 +226,7 @@ _EXPORTED = "UPDATE archive_files SET file = $2, sha256 = $3, written_at = $4 WH
 
 @dataclass
 class _Run:
-    """One run, on one connection; every statement may take STATEMENT_TIMEOUT (the pool's
+    """One run, on one connection; every statement may take JOURNAL_STATEMENT_TIMEOUT (the pool's
     own timeout is the request path's)."""
 
     conn: Conn
@@ -244,7 +241,7 @@ class _Run:
         self.now, self.month = self.clock(), _month(self.report.cut)
 
     async def rows(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        return list(await self.conn.fetch(query, *args, timeout=STATEMENT_TIMEOUT))
+        return list(await self.conn.fetch(query, *args, timeout=JOURNAL_STATEMENT_TIMEOUT))
 
     async def row(self, query: str, *args: Any) -> asyncpg.Record:
         return (await self.rows(query, *args))[0]
@@ -437,7 +434,7 @@ async def _export(conn: Conn, path: Path, query: str, *args: Any) -> tuple[int, 
 
     try:
         status = await conn.copy_from_query(
-            query, *args, output=write, format="csv", header=True, timeout=STATEMENT_TIMEOUT
+            query, *args, output=write, format="csv", header=True, timeout=JOURNAL_STATEMENT_TIMEOUT
         )
         with _file_errors(partial):
             out.flush()

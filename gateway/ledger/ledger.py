@@ -27,11 +27,8 @@ from gateway.ledger.records import (
     Source,
     Violation,
 )
-from gateway.ledger.seam import _sql
+from gateway.ledger.seam import JOURNAL_STATEMENT_TIMEOUT, _sql
 
-# The audit reads the whole journal since the last checkpoint (`gateway archive`): on a
-# large ledger, far beyond the request path's timeout (a busy server makes it slower).
-AUDIT_TIMEOUT = 3600.0
 _RESERVATION_COLUMNS = (
     "id, org_id, token_type, amount, state, charged, route, user_id, created_at, expires_at, source"
 )
@@ -340,8 +337,8 @@ class Ledger(LedgerAdmin):
     async def audit(self) -> list[Violation]:
         """Check every invariant of the ledger; an empty list means it adds up. It reads the
         whole journal since the last checkpoint, so it may take far longer than a request's
-        statements (``AUDIT_TIMEOUT``)."""
-        rows = await self._fetch(_sql("audit.sql"), timeout=AUDIT_TIMEOUT)
+        statements (``JOURNAL_STATEMENT_TIMEOUT``)."""
+        rows = await self._fetch(_sql("audit.sql"), timeout=JOURNAL_STATEMENT_TIMEOUT)
         return [Violation(r["invariant"], r["detail"]) for r in rows]
 
     # -- reads and reports --------------------------------------------------------------

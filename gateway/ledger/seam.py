@@ -25,6 +25,9 @@ from gateway.ledger.records import Clock, utcnow
 log = logging.getLogger("gateway.ledger")
 
 MIGRATION_TIMEOUT = 6 * 3600.0  # seconds
+# A statement that reads a month or more of the journal (the archive's, the audit's): far
+# beyond the request path's timeout, the more so on a busy server.
+JOURNAL_STATEMENT_TIMEOUT = 3600.0  # seconds
 
 # Errors that mean "the ledger cannot answer now", as opposed to a refusal.
 _UNAVAILABLE = (

@@ -60,8 +60,7 @@ def call(
     """The keys and arguments of admit.lua; ``member`` is the request's unique id."""
     org, user, limits = request.org, request.user, request.limits
     gap, cap = limits.min_interval, limits.concurrency
-    names = keys.blocks(org, user) if request.blocks else []
-    names += [keys.rate(org, user, rate) for rate in limits.rate]
+    names = _blocks_then_rates(keys, request)
     if gap is not None:
         names.append(keys.gap(org, user, gap, request.token_type))
     if cap is not None:
@@ -131,9 +130,8 @@ def lease_call(
 ) -> tuple[list[str], list[int | str]]:
     """The keys and arguments of lease.lua: up to ``take`` admissions, drawn until
     ``until``; their hits' members start with ``prefix``."""
-    org, user, limits = request.org, request.user, request.limits
-    names = keys.blocks(org, user) if request.blocks else []
-    names += [keys.rate(org, user, rate) for rate in limits.rate]
+    limits = request.limits
+    names = _blocks_then_rates(keys, request)
     args: list[int | str] = [now, prefix, 2 if request.blocks else 0, len(limits.rate), take, until]
     for rate in limits.rate:
         args += [rate.window_ms, rate.count]
@@ -163,6 +161,14 @@ def unanswered(keys: list[str], request: Request, prefix: str, take: int) -> lis
     return [
         Leased(rate_keys, f"{prefix}:{n}", request.limits, Admission()) for n in range(1, take + 1)
     ]
+
+
+def _blocks_then_rates(keys: Keys, request: Request) -> list[str]:
+    """The first keys of admit.lua and lease.lua alike: the blocks (if checked), then
+    each rate's log."""
+    org, user = request.org, request.user
+    names = keys.blocks(org, user) if request.blocks else []
+    return names + [keys.rate(org, user, rate) for rate in request.limits.rate]
 
 
 def _rate_keys(keys: list[str], request: Request) -> tuple[str, ...]:
