@@ -26,6 +26,52 @@ class ExchangeOverdue(Exception):
     """The exchange reached its deadline before the upstream finished."""
 
 
+class _ReadTimer:
+    """The one timer of an upstream's body: armed at a read's start for the upstream's time
+    left, moved only when it fires. Then it cancels the read (its task) if the read has used
+    up what was left, or is armed again for the rest. It can fire early, never late: what is
+    left only shrinks while a read waits.
+
+    A class, not a closure: a closure that arms itself again names itself, and names the
+    task, a reference cycle per exchange that only the garbage collector would free (every
+    request's task piled up in the youngest generation, and each collection paused every
+    request for longer)."""
+
+    __slots__ = ("_handle", "_loop", "deadline", "expired", "left", "reading_since", "task")
+
+    def __init__(self, left: float, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._handle: asyncio.TimerHandle | None = None
+        self.left = left  # the upstream's time, at a read's start
+        self.deadline = deadline
+        self.reading_since: float | None = None  # set only while a read waits
+        self.expired = False
+
+    def arm(self) -> None:
+        if self._handle is None:
+            self._handle = self._loop.call_later(self.left, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self.reading_since is None:
+            return  # between reads: armed again at the next read's start
+        now = time.monotonic()
+        rest = min(self.left - (now - self.reading_since), self.deadline - now)
+        if rest > 0:
+            self._handle = self._loop.call_later(rest, self._fire)
+        else:
+            self.expired = True
+            self.task.cancel()  # the read is the only thing the task waits for meanwhile
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None  # it holds _fire, which holds this timer
+
+
 async def upstream_body(
     upstream: aiohttp.ClientResponse, wait_seconds: float, started: float, deadline: float
 ) -> AsyncIterator[bytes]:
@@ -33,62 +79,37 @@ async def upstream_body(
     only the time spent waiting for the upstream, never the time the caller spends between
     chunks (a slow client): past it a read raises ``TimeoutError``; past ``deadline``
     (monotonic) raises ``ExchangeOverdue`` (or ``TimeoutError`` in the middle of a read).
-
-    One timer for the whole body, not one per chunk: armed at a read's start for what is
-    left, it is moved only when it fires (then it cancels a read that has used up what was
-    left, or is armed again for the rest). It can fire early, never late: what is left only
-    shrinks while a read waits."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    left = wait_seconds - (time.monotonic() - started)  # the upstream's time, at a read's start
-    reading_since: float | None = None  # set only while a read waits
-    expired = False
-    timer: asyncio.TimerHandle | None = None
-
-    def fire() -> None:
-        nonlocal timer, expired
-        timer = None
-        if reading_since is None:
-            return  # between reads: armed again at the next read's start
-        now = time.monotonic()
-        rest = min(left - (now - reading_since), deadline - now)
-        if rest > 0:
-            timer = loop.call_later(rest, fire)
-        else:
-            expired = True
-            task.cancel()  # the read is the only thing the task waits for meanwhile
-
+    One timer for the whole body (``_ReadTimer``), not one per chunk."""
+    timer = _ReadTimer(wait_seconds - (time.monotonic() - started), deadline)
+    task = timer.task
     chunks = upstream.content.iter_any().__aiter__()
     try:
         while True:
             now = time.monotonic()
-            if deadline - now < left:
+            if deadline - now < timer.left:
                 # The client's slowness has used up the exchange's time: past its
                 # deadline the reservation could expire under a live exchange.
-                left = deadline - now
-                if left <= 0:
+                timer.left = deadline - now
+                if timer.left <= 0:
                     raise ExchangeOverdue()
-            if timer is None:
-                timer = loop.call_later(left, fire)
+            timer.arm()
             cancelling = task.cancelling()
-            reading_since = now
+            timer.reading_since = now
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
             except asyncio.CancelledError:
                 # Ours (and no one else's as well): the read ran out of time.
-                if expired and task.uncancel() <= cancelling:
+                if timer.expired and task.uncancel() <= cancelling:
                     raise TimeoutError() from None
                 raise
             finally:
-                reading_since = None
-            left -= time.monotonic() - now
+                timer.reading_since = None
+            timer.left -= time.monotonic() - now
             yield chunk
     finally:
-        if timer is not None:
-            timer.cancel()
+        timer.stop()
 
 
 # RFC 9110 section 7.6.1, plus the de-facto proxy ones.

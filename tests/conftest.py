@@ -6,6 +6,8 @@ Every test that uses the ledger has its invariants audited afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import os
 import secrets
 import shutil
@@ -87,6 +89,40 @@ class Clock:
 
     def ms(self) -> int:
         return int(self().timestamp() * 1000)
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[object]]:
+    """Within: nothing is collected; after: the list holds what only the garbage collector
+    could free (reference cycles) of what was left within, everything else having been
+    freed by reference counting."""
+    found: list[object] = []
+    gc.collect()
+    flags, enabled = gc.get_debug(), gc.isenabled()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield found
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(flags)
+        if enabled:
+            gc.enable()
+
+
+def cycles_of_requests(garbage: list[object]) -> list[str]:
+    """What in ``garbage`` a request made: its tasks and coroutines, the server's side of
+    aiohttp, and the gateway's own objects."""
+    return sorted(
+        f"{type(o).__module__}.{type(o).__qualname__}"
+        + (f" {o.get_coro()!r}" if isinstance(o, asyncio.Task) else "")
+        for o in garbage
+        if isinstance(o, (asyncio.Task, asyncio.TimerHandle))
+        or type(o).__name__ in ("coroutine", "async_generator")
+        or type(o).__module__.startswith(("gateway.", "aiohttp.web"))
+    )
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ from tests.conftest import (
     Clock,
     Gateway,
     bearer,
+    cycles_of_requests,
+    cyclic_garbage,
     process_env,
     rules_yaml,
     start_serve,
@@ -112,6 +114,27 @@ async def test_a_lone_request_leaves_no_lease_behind(gateway: Gateway) -> None:
     assert [r["kind"] for r in rows] == ["reserve", "commit"]
     assert rows[0]["request_id"] == headers["X-Request-Id"]
     assert gateway.app[STATE].leases.held == 0
+
+
+async def test_a_leased_exchange_leaves_no_reference_cycle(gateway: Gateway) -> None:
+    """Answered from a leased hold and committed after the answer, a request is still
+    freed by reference counting alone (see test_pipeline's test of the same name)."""
+    before = await gateway.available("acme", "general")
+    assert await burst(gateway, 6) == 6  # a lease is drawn
+    request_ids = []
+    with cyclic_garbage() as garbage:
+        for _ in range(5):
+            status, (headers, _) = await chat(gateway)
+            assert status == 200
+            request_ids.append(headers["X-Request-Id"])
+        await gateway.settled()
+        await asyncio.sleep(0.05)
+    assert cycles_of_requests(garbage) == []
+    await gateway.app[STATE].leases.close()
+    assert await gateway.available("acme", "general") == before - 11
+    rows = await settled_journal(gateway.ledger, "acme")
+    leased = {r["reason"].split()[1].rstrip(",") for r in rows if r["kind"] == "commit"}
+    assert set(request_ids) <= leased and len(leased) == 11
 
 
 async def test_a_lease_never_refuses_its_caller_the_last_tokens(gateway: Gateway) -> None:

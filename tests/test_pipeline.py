@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -21,7 +22,16 @@ from gateway.limits.limiter import Limiter
 from gateway.proxy import upstream_body
 from gateway.rules import Rules, parse_rules
 from gateway.state import STATE
-from tests.conftest import ENVIRON, Clock, Gateway, bearer, rules_yaml, token
+from tests.conftest import (
+    ENVIRON,
+    Clock,
+    Gateway,
+    bearer,
+    cycles_of_requests,
+    cyclic_garbage,
+    rules_yaml,
+    token,
+)
 from tests.relay import Relay
 from tests.upstream import Upstream
 
@@ -687,3 +697,31 @@ async def test_the_handler_has_the_exchanges_answer_one_turn_after_it_ends() -> 
         assert state.inflight == set()
     finally:
         counter.cancel()
+
+
+async def test_an_exchange_leaves_no_reference_cycle(gateway: Gateway) -> None:
+    """Every kind of exchange is freed by reference counting alone. A cycle keeps a finished
+    request (its task, and what that holds) alive until a collection, and the collections
+    it adds pause every request in flight: under 500 streams, one exchange timer's cycle
+    made collections of 70,000-80,000 objects that each stopped the loop for 17-28 ms.
+    (An upstream that breaks mid-body does leave one: aiohttp's reader keeps the error,
+    whose traceback holds the frames that read it. That is rare; the collector frees it.)"""
+    gateway.upstream.sse_gate.set()
+    before = await gateway.available("acme", "general")
+    with cyclic_garbage() as garbage:
+        for path in (
+            "/v1/chat/x",  # JSON
+            "/v1/chat/x?behave=sse",  # a stream
+            "/v1/chat/x?status=500",  # refunded
+            "/v1/chat/x?behave=reset",  # refunded
+        ):
+            resp = await gateway.client.post(path, json=CHAT, headers=bearer())
+            with contextlib.suppress(aiohttp.ClientError):
+                await resp.read()
+            resp.release()
+        refused = await gateway.client.post("/v1/chat/x", json=CHAT)
+        assert refused.status == 401
+        await gateway.settled()
+        await asyncio.sleep(0.05)
+    assert cycles_of_requests(garbage) == []
+    assert await gateway.available("acme", "general") == before - 2  # JSON and stream

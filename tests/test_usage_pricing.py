@@ -23,7 +23,14 @@ from gateway.errors import ConfigError
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
 from gateway.rules import Rules, Usage, UsageConfig, charge, hold_for, parse_rules
-from tests.conftest import ENVIRON, Gateway, bearer, rules_yaml
+from tests.conftest import (
+    ENVIRON,
+    Gateway,
+    bearer,
+    cycles_of_requests,
+    cyclic_garbage,
+    rules_yaml,
+)
 from tests.upstream import Upstream
 
 SECRET_KEY = "sk-backend-secret-0123456789"
@@ -159,6 +166,23 @@ async def test_a_json_answer_is_charged_exactly_what_the_backend_reported(
         0,
     )
     assert held["usage"] == {"input": 2, "cached_input": 1, "output": 2, "model": "small"}
+
+
+async def test_a_usage_priced_exchange_leaves_no_reference_cycle(gateway: Gateway) -> None:
+    """Read for its usage, as JSON or as a stream, a request is still freed by reference
+    counting alone (see test_pipeline's test of the same name)."""
+    with cyclic_garbage() as garbage:
+        for stream in (False, True):
+            resp = await gateway.client.post(
+                "/v1/metered/chat?behave=usage&prompt=3&completion=2",
+                json=chat(stream=stream, stream_options={"include_usage": True}),
+                headers=bearer(),
+            )
+            assert resp.status == 200
+            await resp.read()
+        await gateway.settled()
+    assert cycles_of_requests(garbage) == []
+    assert await gateway.available("acme", "general") == 100 - 7 - 7  # 3 x 1 + 2 x 2 each
 
 
 async def test_a_listed_model_is_charged_at_its_own_rates(gateway: Gateway) -> None:
