@@ -36,10 +36,10 @@ from gateway.limits.limiter import Admission
 from gateway.metering import UsageReader, UsageRequest
 from gateway.proxy import (
     ExchangeOverdue,
+    UpstreamBody,
     client_response_headers,
     map_client_error,
     open_upstream,
-    upstream_body,
 )
 from gateway.rules import Route, charge
 from gateway.state import GatewayState
@@ -182,11 +182,11 @@ class Exchange:
         except BaseException:
             await self._settle(state, ok=False, reason="gateway error before the upstream answered")
             raise
+        # Its timeout counts only the time spent waiting for the upstream (not a slow
+        # client); past the exchange's deadline it raises ExchangeOverdue.
+        timeout = self.route.upstream.timeout_seconds
+        chunks = UpstreamBody(upstream, timeout, upstream_started, self.deadline)
         try:
-            # Its timeout counts only the time spent waiting for the upstream (not a slow
-            # client); past the exchange's deadline it raises ExchangeOverdue.
-            timeout = self.route.upstream.timeout_seconds
-            chunks = upstream_body(upstream, timeout, upstream_started, self.deadline)
             ok = 200 <= upstream.status < 300
             if not ok or self.usage_request is None:
                 return await self._relay(state, upstream, upstream_started, chunks, None)
@@ -204,6 +204,7 @@ class Exchange:
                 return await self._relay(state, upstream, upstream_started, chunks, meter)
             return await self._buffered(state, upstream, upstream_started, chunks, meter)
         finally:
+            chunks.close()
             upstream.release()
 
     def _failure(self, exc: BaseException) -> str:
@@ -274,8 +275,9 @@ class Exchange:
         meter: UsageReader | None,
         prefix: list[bytes] | None = None,
     ) -> web.StreamResponse:
-        """Relay the answer as it comes (after ``prefix``, already read), settling at its
-        end; ``meter`` reads a usage-priced answer's usage on the way."""
+        """Relay the answer as it comes (after ``prefix``, already read, of an answer whose
+        ``meter`` gave up reading it), settling at its end; ``meter`` reads a usage-priced
+        answer's usage on the way."""
         ok = 200 <= upstream.status < 300
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(client_response_headers(upstream))
@@ -289,22 +291,15 @@ class Exchange:
         # (A deferred commit settles after the answer: nothing is held back.)
         to_go = None if self.deferred else upstream.content_length
         held_back = b""
-
-        async def send(chunk: bytes) -> None:
-            nonlocal to_go, held_back
-            if to_go is not None:
-                to_go -= len(chunk)
-                if to_go <= 0:
-                    chunk, held_back = chunk[:-1], chunk[-1:]
-            await self._send(response.write(chunk))
-
         try:
-            for chunk in prefix or ():
-                await send(chunk)
-            async for chunk in chunks:
+            async for chunk in _after(prefix, chunks) if prefix else chunks:
                 if meter is not None:
-                    meter.feed(chunk)
-                await send(chunk)
+                    meter.feed(chunk)  # a no-op for the prefix: it gave up reading that
+                if to_go is not None:
+                    to_go -= len(chunk)
+                    if to_go <= 0:
+                        chunk, held_back = chunk[:-1], chunk[-1:]
+                await self._send(response.write(chunk))
         except (ExchangeOverdue, aiohttp.ClientError, TimeoutError) as exc:
             failure = self._failure(exc)
         except BaseException:
@@ -498,3 +493,11 @@ class Exchange:
                 "shadow": self.shadow,
             },
         )
+
+
+async def _after(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``prefix``, then ``rest``."""
+    for chunk in prefix:
+        yield chunk
+    async for chunk in rest:
+        yield chunk

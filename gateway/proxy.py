@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,90 +27,96 @@ class ExchangeOverdue(Exception):
     """The exchange reached its deadline before the upstream finished."""
 
 
-class _ReadTimer:
-    """The one timer of an upstream's body: armed at a read's start for the upstream's time
-    left, moved only when it fires. Then it cancels the read (its task) if the read has used
-    up what was left, or is armed again for the rest. It can fire early, never late: what is
-    left only shrinks while a read waits.
+class UpstreamBody:
+    """The upstream's body as it comes, chunk by chunk (``async for``). ``wait_seconds``
+    (from ``started``, monotonic) counts only the time spent waiting for the upstream, never
+    the time the caller spends between chunks (a slow client): past it a read raises
+    ``TimeoutError``; past ``deadline`` (monotonic) raises ``ExchangeOverdue`` (or
+    ``TimeoutError`` in the middle of a read). ``close`` when done with it, whatever
+    happened.
 
-    A class, not a closure: a closure that arms itself again names itself, and names the
-    task, a reference cycle per exchange that only the garbage collector would free (every
-    request's task piled up in the youngest generation, and each collection paused every
-    request for longer)."""
+    One timer for the whole body, not one per chunk: armed at a read's start for what is
+    left, it is moved only when it fires. Then it cancels a read (its task) that has used
+    up what was left, or is armed again for the rest. It can fire early, never late: what
+    is left only shrinks while a read waits.
 
-    __slots__ = ("_handle", "_loop", "deadline", "expired", "left", "reading_since", "task")
+    A class, not an async generator arming a closure: the closure named itself (to arm
+    again) and the task, a reference cycle per exchange that only the garbage collector
+    freed (every request's task piled up in the youngest generation, and each collection
+    paused every request for longer); and a read is one coroutine, without a generator's
+    layer per chunk."""
 
-    def __init__(self, left: float, deadline: float) -> None:
+    __slots__ = (
+        "_content",
+        "_deadline",
+        "_expired",
+        "_handle",
+        "_left",
+        "_loop",
+        "_reading_since",
+        "_task",
+    )
+
+    def __init__(
+        self, upstream: aiohttp.ClientResponse, wait_seconds: float, started: float, deadline: float
+    ) -> None:
+        self._content = upstream.content
         self._loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        self.task = task
+        self._task: asyncio.Task[Any] | None = None  # the reading task, while a read waits
         self._handle: asyncio.TimerHandle | None = None
-        self.left = left  # the upstream's time, at a read's start
-        self.deadline = deadline
-        self.reading_since: float | None = None  # set only while a read waits
-        self.expired = False
+        self._left = wait_seconds - (time.monotonic() - started)  # at a read's start
+        self._deadline = deadline
+        self._reading_since: float | None = None  # set only while a read waits
+        self._expired = False
 
-    def arm(self) -> None:
+    def __aiter__(self) -> UpstreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        now = time.monotonic()
+        if self._deadline - now < self._left:
+            # The client's slowness has used up the exchange's time: past its deadline
+            # the reservation could expire under a live exchange.
+            self._left = self._deadline - now
+            if self._left <= 0:
+                raise ExchangeOverdue()
         if self._handle is None:
-            self._handle = self._loop.call_later(self.left, self._fire)
+            self._handle = self._loop.call_later(self._left, self._fire)
+        self._task = task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._reading_since = now
+        try:
+            chunk = await self._content.readany()
+        except asyncio.CancelledError:
+            # Ours (and no one else's as well): the read ran out of time.
+            if self._expired and task.uncancel() <= cancelling:
+                raise TimeoutError() from None
+            raise
+        finally:
+            self._reading_since = self._task = None
+        if not chunk:
+            self.close()
+            raise StopAsyncIteration
+        self._left -= time.monotonic() - now
+        return chunk
 
     def _fire(self) -> None:
         self._handle = None
-        if self.reading_since is None:
+        if self._reading_since is None or self._task is None:
             return  # between reads: armed again at the next read's start
         now = time.monotonic()
-        rest = min(self.left - (now - self.reading_since), self.deadline - now)
+        rest = min(self._left - (now - self._reading_since), self._deadline - now)
         if rest > 0:
             self._handle = self._loop.call_later(rest, self._fire)
         else:
-            self.expired = True
-            self.task.cancel()  # the read is the only thing the task waits for meanwhile
+            self._expired = True
+            self._task.cancel()  # the read is the only thing the task waits for meanwhile
 
-    def stop(self) -> None:
+    def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-            self._handle = None  # it holds _fire, which holds this timer
-
-
-async def upstream_body(
-    upstream: aiohttp.ClientResponse, wait_seconds: float, started: float, deadline: float
-) -> AsyncIterator[bytes]:
-    """The upstream's body as it comes. ``wait_seconds`` (from ``started``, monotonic) counts
-    only the time spent waiting for the upstream, never the time the caller spends between
-    chunks (a slow client): past it a read raises ``TimeoutError``; past ``deadline``
-    (monotonic) raises ``ExchangeOverdue`` (or ``TimeoutError`` in the middle of a read).
-    One timer for the whole body (``_ReadTimer``), not one per chunk."""
-    timer = _ReadTimer(wait_seconds - (time.monotonic() - started), deadline)
-    task = timer.task
-    chunks = upstream.content.iter_any().__aiter__()
-    try:
-        while True:
-            now = time.monotonic()
-            if deadline - now < timer.left:
-                # The client's slowness has used up the exchange's time: past its
-                # deadline the reservation could expire under a live exchange.
-                timer.left = deadline - now
-                if timer.left <= 0:
-                    raise ExchangeOverdue()
-            timer.arm()
-            cancelling = task.cancelling()
-            timer.reading_since = now
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                # Ours (and no one else's as well): the read ran out of time.
-                if timer.expired and task.uncancel() <= cancelling:
-                    raise TimeoutError() from None
-                raise
-            finally:
-                timer.reading_since = None
-            timer.left -= time.monotonic() - now
-            yield chunk
-    finally:
-        timer.stop()
+            self._handle = None  # it holds _fire, and so this body
 
 
 # RFC 9110 section 7.6.1, plus the de-facto proxy ones.

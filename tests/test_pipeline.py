@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import build_app
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
-from gateway.proxy import upstream_body
+from gateway.proxy import UpstreamBody
 from gateway.rules import Rules, parse_rules
 from gateway.state import STATE
 from tests.conftest import (
@@ -258,13 +258,13 @@ async def test_the_upstreams_time_is_counted_over_all_of_its_reads(gateway: Gate
 async def test_a_read_runs_out_of_time_only_by_its_own_timer(
     upstream: tuple[Upstream, str],
 ) -> None:
-    """``upstream_body`` over a stalled stream: past its time a read raises TimeoutError;
-    cancelled by anything else (a shutdown) it stays cancelled, and its timer is gone."""
+    """``UpstreamBody`` over a stalled stream: past its time a read raises TimeoutError;
+    cancelled by anything else (a shutdown) it stays cancelled."""
     async with aiohttp.ClientSession() as session:
         for wait_seconds, cancel_after in ((0.3, None), (30.0, 0.3)):
             async with session.post(f"{upstream[1]}/v1/x?behave=sse", json={}) as resp:
                 started = time.monotonic()
-                body = upstream_body(resp, wait_seconds, started, started + 60)
+                body = UpstreamBody(resp, wait_seconds, started, started + 60)
 
                 async def read_all(body: AsyncIterator[bytes] = body) -> list[bytes]:
                     return [chunk async for chunk in body]
