@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -114,6 +115,37 @@ async def test_a_lone_request_leaves_no_lease_behind(gateway: Gateway) -> None:
     assert [r["kind"] for r in rows] == ["reserve", "commit"]
     assert rows[0]["request_id"] == headers["X-Request-Id"]
     assert gateway.app[STATE].leases.held == 0
+
+
+async def test_commits_of_delivered_answers_share_transactions(
+    gateway: Gateway, database_url: str, schema: str
+) -> None:
+    """Ten leased requests started 4 ms apart: their commits, which nobody waits for, wait
+    up to 20 ms for each other and share a few transactions instead of one each; every
+    answer is still charged exactly once."""
+    assert await burst(gateway, 6) == 6  # a lease is drawn
+    before = len(await settled_journal(gateway.ledger, "acme"))
+
+    async def request(n: int) -> str:
+        await asyncio.sleep(0.004 * n)
+        status, (headers, _) = await chat(gateway)
+        assert status == 200
+        return str(headers["X-Request-Id"])
+
+    request_ids = await asyncio.gather(*(request(n) for n in range(10)))
+    await gateway.settled()
+    rows = (await settled_journal(gateway.ledger, "acme"))[before:]
+    commits = [r for r in rows if r["kind"] == "commit"]
+    assert sorted(r["reason"].split()[1].rstrip(",") for r in commits) == sorted(request_ids)
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        transactions = await conn.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM reservations WHERE id = ANY($1::uuid[])",
+            [r["reservation_id"] for r in commits],
+        )
+    finally:
+        await conn.close()
+    assert transactions <= 4, f"{transactions} transactions settled 10 commits"
 
 
 async def test_a_leased_exchange_leaves_no_reference_cycle(gateway: Gateway) -> None:

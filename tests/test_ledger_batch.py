@@ -5,6 +5,7 @@ another's."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import asyncpg
@@ -12,6 +13,7 @@ import pytest
 
 from gateway.errors import LedgerError, LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.batch import Coalescer
 from gateway.rules import Rules
 from tests.relay import Relay
 
@@ -179,6 +181,87 @@ async def test_calls_made_in_one_turn_go_as_one_batch(
     assert (made, settled) == (1, 1)
     (account,) = [a for a in await ledger.balances("hot") if a.token_type == "general"]
     assert (account.allowance, account.reserved) == (100 - 20, 0)
+
+
+async def _held(ledger: Ledger, org: str, count: int) -> list[uuid.UUID]:
+    await ledger.create_org(org, "pro")  # 100 'general' tokens
+    ids = []
+    for n in range(count):
+        outcome = await ledger.reserve(org, "general", 1, ttl_seconds=60, user=f"u{n}")
+        assert outcome.reservation_id is not None
+        ids.append(outcome.reservation_id)
+    return ids
+
+
+async def _transactions(database_url: str, schema: str, org: str) -> int:
+    """How many transactions settled ``org``'s reservations."""
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": schema})
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM reservations WHERE org_id = $1", org
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+async def _paid(ledger: Ledger, org: str, count: int) -> None:
+    """``count`` tokens charged to ``org`` and none still held."""
+    (account,) = [a for a in await ledger.balances(org) if a.token_type == "general"]
+    assert (account.allowance, account.reserved) == (100 - count, 0)
+    commits = [r for r in await ledger.journal(org, limit=100) if r["kind"] == "commit"]
+    assert len(commits) == count
+
+
+async def test_commits_that_may_linger_share_one_transaction(
+    ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """Commits nobody waits for, made 20 ms apart, go together when the first has waited
+    its linger, not one by one as they come."""
+    held = await _held(ledger, "calm", 6)
+    started = time.monotonic()
+
+    async def commit(n: int) -> float:
+        await asyncio.sleep(0.02 * n)
+        await ledger.commit(held[n], linger=0.5)
+        return time.monotonic() - started
+
+    done = await asyncio.wait_for(asyncio.gather(*(commit(n) for n in range(6))), 10)
+    assert min(done) >= 0.45  # the first waited for the others...
+    assert max(done) < 3  # ...and no longer than it had to
+    assert await _transactions(database_url, schema, "calm") == 1
+    await _paid(ledger, "calm", 6)
+
+
+async def test_a_call_that_may_not_wait_takes_the_lingering_ones_along(
+    ledger: Ledger, database_url: str, schema: str
+) -> None:
+    """A commit someone waits for (a client's answer hangs on it) goes at once, and the
+    commits lingering for an hour go with it."""
+    held = await _held(ledger, "mixed", 5)
+    lingering = [asyncio.create_task(ledger.commit(r, linger=3600)) for r in held[:4]]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in lingering)
+    await asyncio.wait_for(ledger.commit(held[4]), 5)
+    await asyncio.wait_for(asyncio.gather(*lingering), 5)
+    assert await _transactions(database_url, schema, "mixed") == 1
+    await _paid(ledger, "mixed", 5)
+
+
+async def test_a_full_batch_does_not_linger(ledger: Ledger) -> None:
+    held = await _held(ledger, "full", 6)
+    ledger._coalescer = Coalescer(ledger._fetch, max_batch=4)  # a small batch
+    first = []
+    for r in held[:4]:  # one after the other, the first three lingering meanwhile
+        first.append(asyncio.create_task(ledger.commit(r, linger=3600)))
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(asyncio.gather(*first), 5)  # four: full, gone
+    rest = [asyncio.create_task(ledger.commit(r, linger=3600)) for r in held[4:]]
+    await asyncio.sleep(0.1)
+    assert not any(t.done() for t in rest)  # two: still waiting for others
+    await asyncio.wait_for(ledger.refund((await _held(ledger, "other", 1))[0], reason="x"), 5)
+    await asyncio.wait_for(asyncio.gather(*rest), 5)
+    await _paid(ledger, "full", 6)
 
 
 async def test_a_call_cancelled_in_its_turn_leaves_the_others_to_go(ledger: Ledger) -> None:

@@ -4,7 +4,10 @@ transaction.
 A call made while a batch of its kind is in flight waits for the next one, which takes
 every call of that kind that arrived meanwhile; a call made when none is in flight goes
 after one turn of the event loop, with the calls made in that turn (alone if none was: at
-concurrency 1 nothing waits for a timer or for another call). A batch is one call of a
+concurrency 1 nothing waits for a timer or for another call). A call that nobody waits
+for (the commit of an answer already delivered) may ``linger``: it goes when it has waited
+that long, or with the first call that may not wait, or in a full batch, so that such
+calls share fewer, larger transactions. A batch is one call of a
 set-based server-side function (``gw_reserve_many``, ``gw_settle_many`` in
 ``sql/batch.sql``) that gives each call the answer and the rows its single function
 (``gw_reserve``, ``gw_settle``) would, while locking and writing each account once per
@@ -60,6 +63,7 @@ class Kind:
 class _Call:
     args: tuple[Any, ...]
     order: tuple[str, ...]
+    due: float  # loop time: it goes with the first batch from then (its linger's end)
     future: asyncio.Future[asyncpg.Record] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -74,20 +78,34 @@ class Coalescer:
         self._pending: dict[str, list[_Call]] = {}
         self._busy: set[str] = set()  # kinds with a call or a batch in flight
         self._runners: dict[str, asyncio.Task[None]] = {}
+        self._lingering: dict[str, asyncio.Future[None]] = {}  # set: the batch goes now
         # For tests and the benchmark: batches of more than one call, calls that went
         # alone in their caller's task, and all calls.
         self.batches = 0
         self.alone = 0
         self.calls = 0
 
-    async def call(self, kind: Kind, args: tuple[Any, ...], order: tuple[str, ...] = ()) -> Any:
+    async def call(
+        self, kind: Kind, args: tuple[Any, ...], order: tuple[str, ...] = (), linger: float = 0
+    ) -> Any:
         """Run one call of ``kind`` in the next batch of its kind and return its row. When
         none of its kind is in flight, the call waits one turn of the event loop (no timer:
         only the callbacks already due run) for the calls made in that same turn, and goes
-        with them; alone, it goes in the caller's own task."""
-        call = _Call(args, order)
-        self._pending.setdefault(kind.name, []).append(call)
+        with them; alone, it goes in the caller's own task. With ``linger`` (seconds) it
+        may wait that long for others to go with; a call without takes it along at once."""
+        loop = asyncio.get_running_loop()
+        call = _Call(args, order, loop.time() + linger)
+        pending = self._pending.setdefault(kind.name, [])
+        pending.append(call)
         if kind.name in self._busy:
+            if not linger or len(pending) >= self._max_batch:
+                lingering = self._lingering.get(kind.name)
+                if lingering is not None and not lingering.done():
+                    lingering.set_result(None)
+            return await call.future
+        if linger:
+            self._busy.add(kind.name)
+            self._next(kind)
             return await call.future
         # The turn. The answers of a batch wake all of its callers in one turn: without it
         # the first of them went alone (a round trip and a flush of its own) and the rest
@@ -120,8 +138,22 @@ class Coalescer:
             self._busy.discard(kind.name)
 
     async def _drain(self, kind: Kind) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            while calls := self._pending.pop(kind.name, None):
+            while calls := self._pending.get(kind.name):
+                wait = min(c.due for c in calls) - loop.time()
+                if wait > 0 and len(calls) < self._max_batch:
+                    # Every call waiting may linger: until the first of them has, unless
+                    # a call that may not wait, or a full batch, comes first (``call``).
+                    lingering = self._lingering[kind.name] = loop.create_future()
+                    timer = loop.call_later(wait, _go, lingering)
+                    try:
+                        await lingering
+                    finally:
+                        timer.cancel()
+                        del self._lingering[kind.name]
+                    continue
+                del self._pending[kind.name]
                 batch, rest = calls[: self._max_batch], calls[self._max_batch :]
                 if rest:
                     self._pending[kind.name] = rest
@@ -173,6 +205,11 @@ class Coalescer:
             return
         if not call.future.done():
             call.future.set_result(rows[0])
+
+
+def _go(lingering: asyncio.Future[None]) -> None:
+    if not lingering.done():
+        lingering.set_result(None)
 
 
 def _fail(call: _Call, exc: BaseException) -> None:

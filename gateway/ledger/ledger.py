@@ -214,9 +214,11 @@ class Ledger(LedgerAdmin):
         source: Source | None = None,
         usage: dict[str, Any] | None = None,
         reason: str | None = None,
+        linger: float = 0,
     ) -> Settlement:
         """Charge ``charged`` (default: the whole amount) and release the rest (``reason``:
-        the journal's note on the commit). With ``org``
+        the journal's note on the commit; ``linger``: seconds the commit may wait to share
+        a transaction with others, when nobody waits for it). With ``org``
         or ``source``, a reservation of another organization or made through another source
         is treated as unknown. With ``usage`` (what the backend reported, kept with the
         reservation) ``charged`` may exceed the hold: the excess is taken from the balance,
@@ -225,7 +227,7 @@ class Ledger(LedgerAdmin):
         ``already_expired``, ``exceeds_amount`` (``charged`` negative, or above the held
         amount without ``usage``)."""
         return await self._settle(
-            reservation_id, "commit", charged, actor, reason, org, source, usage
+            reservation_id, "commit", charged, actor, reason, org, source, usage, linger
         )
 
     async def refund(
@@ -251,6 +253,7 @@ class Ledger(LedgerAdmin):
         org: str | None,
         source: Source | None,
         usage: dict[str, Any] | None = None,
+        linger: float = 0,
     ) -> Settlement:
         args = (
             reservation_id,
@@ -263,7 +266,7 @@ class Ledger(LedgerAdmin):
             source,
             json.dumps(usage) if usage is not None else None,
         )
-        row = await self.batches.call(_SETTLE, args)
+        row = await self.batches.call(_SETTLE, args, linger=linger)
         status = row["status"]
         if status != "ok":
             messages = {
