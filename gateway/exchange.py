@@ -53,7 +53,7 @@ _CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeErro
 _OVERDUE = "the exchange reached its deadline (the client read too slowly)"
 # How long the commit of an answer already delivered may wait to share its transaction
 # with others (gateway.ledger.batch): under 400 streams a second, 20 ms made the ledger's
-# transactions about three times fewer and PostgreSQL half as busy.
+# transactions about four times fewer and PostgreSQL half as busy.
 _DELIVERED_COMMIT_LINGER = 0.02
 
 
