@@ -248,14 +248,14 @@ async def test_a_call_that_may_not_wait_takes_the_lingering_ones_along(
     await _paid(ledger, "mixed", 5)
 
 
-async def test_a_full_batch_does_not_linger(ledger: Ledger) -> None:
+async def test_enough_lingering_calls_go_at_once(ledger: Ledger) -> None:
     held = await _held(ledger, "full", 6)
-    ledger._coalescer = Coalescer(ledger._fetch, max_batch=4)  # a small batch
+    ledger._coalescer = Coalescer(ledger._fetch, lingering_batch=4)  # instead of 8
     first = []
     for r in held[:4]:  # one after the other, the first three lingering meanwhile
         first.append(asyncio.create_task(ledger.commit(r, linger=3600)))
         await asyncio.sleep(0.02)
-    await asyncio.wait_for(asyncio.gather(*first), 5)  # four: full, gone
+    await asyncio.wait_for(asyncio.gather(*first), 5)  # four: enough, gone
     rest = [asyncio.create_task(ledger.commit(r, linger=3600)) for r in held[4:]]
     await asyncio.sleep(0.1)
     assert not any(t.done() for t in rest)  # two: still waiting for others
