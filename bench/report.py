@@ -321,6 +321,19 @@ def bars(outcome: Outcome) -> list[Bar]:
         # machine simply had no CPU to give it: the same cost per request means the latter.
         costs = " / ".join(f"{cpu_per_request(r)[0]:.2f}" for r in (one, two))
         out.append(Bar("  extra", "gateway CPU ms per request, 1 worker / 2", costs, "", None))
+        # The most any number of workers could give, at the same CPU per request: the
+        # machine's CPUs all busy (the load generator, the stores and the upstream share
+        # them), against how busy they were with one worker.
+        busy = one.cpu.get("machine", math.nan)
+        out.append(
+            Bar(
+                "  extra",
+                f"the machine's ceiling: all CPUs busy, against {busy:.0f}% with 1 worker",
+                f"{ratio(100.0, busy):.2f}x",
+                "",
+                None,
+            )
+        )
     if outcome.run_ledger is not None:
         check = outcome.run_ledger
         out.append(

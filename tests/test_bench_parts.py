@@ -224,7 +224,12 @@ def outcome() -> Outcome:
         hot=HotAccount(pairs=30_000, seconds=5.0, concurrency=64, violations=0),
         hot_leased=HotAccount(pairs=60_000, seconds=5.0, concurrency=64, violations=0, leased=True),
         workers=[
-            Result("gateway 1 worker", "g", load(rps=300.0), {"gateway": 90.0, "load gen": 20.0}),
+            Result(
+                "gateway 1 worker",
+                "g",
+                load(rps=300.0),
+                {"gateway": 90.0, "load gen": 20.0, "machine": 80.0},
+            ),
             Result(
                 "gateway 2 workers",
                 "g",
@@ -253,6 +258,8 @@ def test_each_part_is_judged_against_its_bar() -> None:
         Bar("workers", "req/s 2 workers / 1; load gen 30% CPU, machine 97%", "1.70x",
             ">= 1.6x", True),
         Bar("  extra", "gateway CPU ms per request, 1 worker / 2", "3.00 / 3.14", "", None),
+        Bar("  extra", "the machine's ceiling: all CPUs busy, against 80% with 1 worker",
+            "1.25x", "", None),
     ]  # fmt: skip
 
 
