@@ -31,6 +31,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.gate import settle_shadow
+from gateway.leases import COMMIT_LINGER
 from gateway.ledger import Ledger, ReserveOutcome, Settlement
 from gateway.limits.limiter import Admission
 from gateway.metering import UsageReader, UsageRequest
@@ -40,6 +41,7 @@ from gateway.proxy import (
     client_response_headers,
     map_client_error,
     open_upstream,
+    prefixed,
 )
 from gateway.rules import Route, charge
 from gateway.state import GatewayState
@@ -51,10 +53,6 @@ log = logging.getLogger("gateway.pipeline")
 _SETTLE_RETRY_DELAYS = (0.05, 0.25, 1.0, 2.0)
 _CLIENT_GONE = (ConnectionError, aiohttp.ClientConnectionResetError, RuntimeError)
 _OVERDUE = "the exchange reached its deadline (the client read too slowly)"
-# How long the commit of an answer already delivered may wait to share its transaction
-# with others (gateway.ledger.batch): under 400 streams a second, PostgreSQL's CPU fell by
-# a third (from 13-16% to 9-11%).
-_DELIVERED_COMMIT_LINGER = 0.02
 
 
 @dataclass
@@ -234,7 +232,8 @@ class Exchange:
                 body.append(chunk)
                 size += len(chunk)
                 if meter.unreadable:  # too large (or encoded unreadably) to read: relay it
-                    return await self._relay(state, upstream, upstream_started, chunks, meter, body)
+                    rest = prefixed(body, chunks)
+                    return await self._relay(state, upstream, upstream_started, rest, meter)
         except (ExchangeOverdue, aiohttp.ClientError, TimeoutError) as exc:
             failure = self._failure(exc)
             await self._settle(state, ok=False, reason=failure)
@@ -277,11 +276,9 @@ class Exchange:
         upstream_started: float,
         chunks: AsyncIterator[bytes],
         meter: UsageReader | None,
-        prefix: list[bytes] | None = None,
     ) -> web.StreamResponse:
-        """Relay the answer as it comes (after ``prefix``, already read, of an answer whose
-        ``meter`` gave up reading it), settling at its end; ``meter`` reads a usage-priced
-        answer's usage on the way."""
+        """Relay the answer as it comes, settling at its end; ``meter`` reads a
+        usage-priced answer's usage on the way."""
         ok = 200 <= upstream.status < 300
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(client_response_headers(upstream))
@@ -296,9 +293,9 @@ class Exchange:
         to_go = None if self.deferred else upstream.content_length
         held_back = b""
         try:
-            async for chunk in _after(prefix, chunks) if prefix else chunks:
+            async for chunk in chunks:
                 if meter is not None:
-                    meter.feed(chunk)  # a no-op for the prefix: it gave up reading that
+                    meter.feed(chunk)
                 if to_go is not None:
                     to_go -= len(chunk)
                     if to_go <= 0:
@@ -350,7 +347,7 @@ class Exchange:
         if self.answer is not None and not self.answer.done():
             self.answer.set_result(response)
         reason = f"request {self.request_id}" + (", a leased hold" if self.leased else "")
-        if not await self._settle(state, ok=True, reason=reason, linger=_DELIVERED_COMMIT_LINGER):
+        if not await self._settle(state, ok=True, reason=reason):
             self.charged, self.settled_as = 0, "unpaid"
             state.metrics.tokens.labels(self.route.token_type, "unpaid").inc(self.held)
             log.error(
@@ -388,17 +385,11 @@ class Exchange:
             )
 
     async def _settle(
-        self,
-        state: GatewayState,
-        *,
-        ok: bool,
-        reason: str,
-        meter: UsageReader | None = None,
-        linger: float = 0,
+        self, state: GatewayState, *, ok: bool, reason: str, meter: UsageReader | None = None
     ) -> bool:
         """Settle by the upstream's outcome (and, priced by usage, by what ``meter`` read);
         False when the ledger did not take it (then the reservation stays held and expires
-        as a refund). ``linger``: as ``Ledger.commit``'s."""
+        as a refund). A deferred commit, its answer delivered, may linger (COMMIT_LINGER)."""
         if self.outcome is None:
             await settle_shadow(
                 self.ledger,
@@ -443,7 +434,7 @@ class Exchange:
                             actor=self.caller.user,
                             usage=usage,
                             reason=reason if self.deferred else None,
-                            linger=linger,
+                            linger=COMMIT_LINGER if self.deferred else 0,
                         )
                         self.charged, self.settled_as = settled.charged, "committed"
                         self.settlement = settled
@@ -504,11 +495,3 @@ class Exchange:
                 "shadow": self.shadow,
             },
         )
-
-
-async def _after(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """``prefix``, then ``rest``."""
-    for chunk in prefix:
-        yield chunk
-    async for chunk in rest:
-        yield chunk

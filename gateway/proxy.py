@@ -119,6 +119,14 @@ class UpstreamBody:
             self._handle = None  # it holds _fire, and so this body
 
 
+async def prefixed(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks of ``prefix`` (a body's start, already read), then ``rest``."""
+    for chunk in prefix:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
 # RFC 9110 section 7.6.1, plus the de-facto proxy ones.
 HOP_BY_HOP = frozenset(
     {
