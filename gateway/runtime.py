@@ -309,9 +309,9 @@ def tune_gc() -> None:
 
     The objects made at startup (modules, rules, pools, the app) are frozen out of every
     collection, and the youngest generation is collected after 20,000 net allocations
-    instead of 700. A request leaves almost no cyclic garbage (its objects are freed by
-    reference counting; a collection under load frees next to nothing), while each
-    collection stops the event loop: with the defaults, a full collection of the heap
+    instead of 700. A request leaves no cyclic garbage (its objects are freed by reference
+    counting; tests check it with ``cyclic_garbage``), so under load a collection is rare,
+    while each one stops the event loop: with the defaults, a full collection of the heap
     stalled every request for 50-90 ms under 400 streams, and younger ones for 3-13 ms
     several times a second."""
     gc.collect()
