@@ -264,6 +264,22 @@ async def test_enough_lingering_calls_go_at_once(ledger: Ledger) -> None:
     await _paid(ledger, "full", 6)
 
 
+async def test_lingering_calls_are_not_left_waiting_when_their_batch_is_cancelled(
+    ledger: Ledger,
+) -> None:
+    """The loop closing cancels the batch that waits for them: they are cancelled too (the
+    holds stay held and are refunded at their expiry), not left waiting forever."""
+    held = await _held(ledger, "closing", 2)
+    lingering = [asyncio.create_task(ledger.commit(r, linger=3600)) for r in held]
+    await asyncio.sleep(0.05)
+    ledger.batches._runners["settle"].cancel()  # what closing the loop does
+    for task in lingering:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    assert len(await ledger.held_reservations("closing")) == 2
+    assert (await ledger.commit(held[0])).charged == 1  # nothing left stuck
+
+
 async def test_a_call_cancelled_in_its_turn_leaves_the_others_to_go(ledger: Ledger) -> None:
     await ledger.create_org("hot", "pro")
     first = asyncio.create_task(ledger.reserve("hot", "general", 1, ttl_seconds=60))

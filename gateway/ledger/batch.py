@@ -158,6 +158,10 @@ class Coalescer:
                     timer = loop.call_later(wait, _go, lingering)
                     try:
                         await lingering
+                    except BaseException:  # cancelled (the loop is closing): none is left
+                        for call in self._pending.pop(kind.name, []):  # waiting forever
+                            call.future.cancel()
+                        raise
                     finally:
                         timer.cancel()
                         del self._lingering[kind.name]
