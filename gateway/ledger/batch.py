@@ -107,10 +107,9 @@ class Coalescer:
         pending = self._pending.setdefault(kind.name, [])
         pending.append(call)
         if kind.name in self._busy:
-            if not linger or len(pending) >= self._lingering_batch:
-                lingering = self._lingering.get(kind.name)
-                if lingering is not None and not lingering.done():
-                    lingering.set_result(None)
+            lingering = self._lingering.get(kind.name)
+            if lingering is not None and (not linger or len(pending) >= self._lingering_batch):
+                _go(lingering)
             return await call.future
         if linger:
             self._busy.add(kind.name)
@@ -158,8 +157,9 @@ class Coalescer:
                     timer = loop.call_later(wait, _go, lingering)
                     try:
                         await lingering
-                    except BaseException:  # cancelled (the loop is closing): none is left
-                        for call in self._pending.pop(kind.name, []):  # waiting forever
+                    except BaseException:
+                        # Cancelled (the loop is closing): no caller is left waiting forever.
+                        for call in self._pending.pop(kind.name, []):
                             call.future.cancel()
                         raise
                     finally:
@@ -221,6 +221,7 @@ class Coalescer:
 
 
 def _go(lingering: asyncio.Future[None]) -> None:
+    """The lingering batch goes now (its timer, or a call that ends its wait)."""
     if not lingering.done():
         lingering.set_result(None)
 
