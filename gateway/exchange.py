@@ -42,6 +42,7 @@ from gateway.proxy import (
     map_client_error,
     open_upstream,
     prefixed,
+    write_through,
 )
 from gateway.rules import Route, charge
 from gateway.state import GatewayState
@@ -291,6 +292,8 @@ class Exchange:
         # settlement; a sized body ends with its last byte, so that byte is held back.
         # (A deferred commit settles after the answer: nothing is held back.)
         to_go = None if self.deferred else upstream.content_length
+        if meter is None and upstream.content_length is None and not self.client_gone:
+            write_through(chunks, await response.prepare(self.request))  # prepared above
         held_back = b""
         try:
             async for chunk in chunks:

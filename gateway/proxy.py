@@ -4,6 +4,12 @@
 upstream's status and headers have arrived; reading the body is the caller's loop. Client
 failures are translated here: ``UpstreamTimeout`` for timeouts, ``UpstreamError`` for
 refused, reset or otherwise broken connections.
+
+``UpstreamBody.write_through`` lets a body's chunks go to the client as aiohttp's reader
+receives them, without a turn of the reading loop per chunk, whenever none waits to be
+read and the client takes them at once. It depends on aiohttp's reader class (its
+``feed_data``) and its writer's ``write(..., drain=False)``; with any other reader or
+writer every chunk goes through the reads, as before.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -25,6 +34,67 @@ from gateway.rules import Route
 
 class ExchangeOverdue(Exception):
     """The exchange reached its deadline before the upstream finished."""
+
+
+class WriteThrough:
+    """Counts of the chunks written straight through to clients (for tests and tuning)."""
+
+    chunks = 0
+
+
+class _Sink:
+    """Where an upstream body's chunks go while they can go straight to the client."""
+
+    __slots__ = ("reader", "transport", "writer")
+
+    def __init__(
+        self,
+        reader: StreamReader,
+        writer: StreamWriter,
+        transport: asyncio.Transport,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.transport = transport
+
+    def write(self, data: bytes) -> bool:
+        """Write ``data`` to the client now, if it can take it without waiting."""
+        if not data:
+            return False
+        transport = self.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size():
+            return False  # the client lags: the relay writes it, waiting for the client
+        step = self.writer.write(data, drain=False)  # with drain=False, waits for nothing
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        else:  # it waited before writing (a compressing writer would): the relay writes it
+            step.close()
+            return False
+        WriteThrough.chunks += 1
+        return True
+
+
+# The sinks of the bodies being written through, by their reader's id (a sink names its
+# reader, so an id is never reused while its sink is here).
+_SINKS: dict[int, _Sink] = {}
+
+
+class _WrittenThrough(StreamReader):
+    """aiohttp's reader of a response body, whose chunks go straight to a ``_Sink`` while
+    nothing waits in its buffer and the client takes them at once; else (and once the sink
+    is gone) they wait in its buffer for the relay as in any reader."""
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        sink = _SINKS.get(id(self))
+        if sink is not None and sink.reader is self and not self._buffer and sink.write(data):
+            return False
+        return super().feed_data(data, size)
 
 
 class UpstreamBody:
@@ -55,6 +125,7 @@ class UpstreamBody:
         "_loop",
         "_reading_since",
         "_task",
+        "_through",
     )
 
     def __init__(
@@ -68,6 +139,7 @@ class UpstreamBody:
         self._deadline = deadline
         self._reading_since: float | None = None  # set only while a read waits
         self._expired = False
+        self._through = False
 
     def __aiter__(self) -> UpstreamBody:
         return self
@@ -113,10 +185,35 @@ class UpstreamBody:
             self._expired = True
             self._task.cancel()  # the read is the only thing the task waits for meanwhile
 
+    def write_through(self, writer: StreamWriter) -> None:
+        """From now on, a chunk that arrives while none waits to be read and the client
+        can take it at once is written to ``writer`` as it arrives, without waking the
+        reading task; the reads see the others, and the end or the failure, as before. The
+        time a read waits meanwhile is the upstream's: the client never made it wait."""
+        reader = self._content
+        if type(reader) is not StreamReader or reader.is_eof() or writer.transport is None:
+            return  # not aiohttp's plain reader: every chunk goes through the reads
+        reader.__class__ = _WrittenThrough
+        _SINKS[id(reader)] = _Sink(reader, writer, writer.transport)
+        self._through = True
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None  # it holds _fire, and so this body
+        if self._through:
+            self._through = False
+            del _SINKS[id(self._content)]
+            self._content.__class__ = StreamReader
+
+
+def write_through(chunks: AsyncIterator[bytes], writer: AbstractStreamWriter | None) -> None:
+    """``UpstreamBody.write_through`` when ``chunks`` is one and ``writer`` is aiohttp's
+    (a body already partly read, or another writer: every chunk goes through the reads).
+    Only for what the relay passes on untouched: a body with no last byte to hold back
+    and no usage to read (a usage-priced stream measured slower written through)."""
+    if isinstance(chunks, UpstreamBody) and isinstance(writer, StreamWriter):
+        chunks.write_through(writer)
 
 
 async def prefixed(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

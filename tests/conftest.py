@@ -41,6 +41,17 @@ SECRET = "test-secret-" + "x" * 40
 ENVIRON = {"GATEWAY_JWT_SECRET": SECRET}
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
+    """The tests' event loop is the one ``gateway serve`` runs on (``runtime.run_async``):
+    uvloop when it is installed. Its transports differ from asyncio's (they are not
+    ``asyncio.WriteTransport``s, say), and the tests must meet the ones served."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return {"uvloop": uvloop.new_event_loop}
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """The PostgreSQL the tests use: $DATABASE_URL, or an embedded server for this run."""

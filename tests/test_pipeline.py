@@ -16,10 +16,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway import proxy
 from gateway.app import build_app
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
-from gateway.proxy import UpstreamBody
+from gateway.proxy import UpstreamBody, WriteThrough
 from gateway.rules import Rules, parse_rules
 from gateway.state import STATE
 from tests.conftest import (
@@ -295,6 +296,58 @@ async def test_sse_reaches_the_client_before_the_upstream_finishes(gateway: Gate
     rest = await resp.read()
     assert rest.endswith(b"data: [DONE]\n\n") and b"event 2" in rest
     assert (await gateway.journal_kinds("acme"))[-1] == "commit"
+
+
+async def test_a_stream_is_written_through_as_it_comes_and_a_sized_answer_is_not(
+    gateway: Gateway,
+) -> None:
+    """A stream's chunks go to the client as they arrive, without waking the relay (the
+    body arrives whole, in order); a sized answer's are read by the relay, which holds
+    back its last byte until the charge is recorded."""
+    before, written = await gateway.available("acme", "general"), WriteThrough.chunks
+    resp = await gateway.client.post("/v1/chat/x", json=CHAT, headers=bearer())
+    assert resp.status == 200 and json.loads(await resp.read())["path_qs"] == "/v1/chat/x"
+    assert WriteThrough.chunks == written
+    resp = await gateway.client.post("/v1/chat/stream?behave=sse", json={}, headers=bearer())
+    assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
+    gateway.upstream.sse_gate.set()
+    rest = await resp.read()
+    assert rest == b"".join(f"data: event {i}\n\n".encode() for i in range(3)) + (
+        b"data: [DONE]\n\n"
+    )
+    assert WriteThrough.chunks > written
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before - 2
+    assert (await gateway.journal_kinds("acme"))[-4:] == ["reserve", "commit"] * 2
+    assert proxy._SINKS == {}  # every body's sink went with its exchange
+
+
+async def test_a_client_that_lags_gets_the_rest_through_the_relay_which_waits_for_it(
+    gateway: Gateway,
+) -> None:
+    """What a client cannot take at once is not written through: it waits in the reader,
+    the upstream is paused, and the relay writes it as the client reads. Were every chunk
+    written through, 128 MiB would pile up in the gateway while the client stalls."""
+    before, written, size = await gateway.available("acme", "general"), WriteThrough.chunks, 1 << 27
+    async with (
+        aiohttp.ClientSession(read_bufsize=2**16) as session,
+        session.post(
+            gateway.url(f"/v1/chat/big?size={size}&chunk=65536"), json={}, headers=bearer()
+        ) as resp,
+    ):
+        assert resp.status == 200 and resp.content_length is None
+        received = len(await resp.content.read(65536))
+        await asyncio.sleep(0.5)  # stalls: the upstream must stall too
+        assert gateway.upstream.sent < size // 2
+        while chunk := await resp.content.read(1 << 20):
+            assert chunk == b"x" * len(chunk)
+            received += len(chunk)
+    assert received == size
+    assert WriteThrough.chunks > written
+    await gateway.settled()
+    assert await gateway.available("acme", "general") == before - 1
+    assert (await gateway.journal_kinds("acme"))[-2:] == ["reserve", "commit"]
+    assert proxy._SINKS == {}
 
 
 async def test_client_hanging_up_mid_stream_is_still_charged(gateway: Gateway) -> None:

@@ -22,6 +22,7 @@ from gateway.app import build_app
 from gateway.errors import ConfigError
 from gateway.ledger import Ledger
 from gateway.limits.limiter import Limiter
+from gateway.proxy import WriteThrough
 from gateway.rules import Rules, Usage, UsageConfig, charge, hold_for, parse_rules
 from tests.conftest import (
     ENVIRON,
@@ -288,6 +289,23 @@ async def test_a_stream_asks_for_usage_relays_every_byte_and_ends_with_its_charg
     assert await gateway.available("acme", "general") == 90
     held = await reservation(gateway, resp.headers["X-Reservation-Id"])
     assert (held["state"], held["charged"]) == ("committed", 10)
+
+
+async def test_a_paced_stream_is_read_by_its_meter_chunk_by_chunk(gateway: Gateway) -> None:
+    """Events arriving one by one all pass the meter, the last one's usage included: a
+    usage-priced stream is relayed through the reads, never written through."""
+    written = WriteThrough.chunks
+    resp = await gateway.client.post(
+        "/v1/metered/chat?behave=usage&prompt=2&completion=1&pause=0.05",
+        json=chat(stream=True),
+        headers=bearer(),
+    )
+    body = await resp.read()
+    assert body.endswith(b"data: [DONE]\n\n: tokens-charged=4\n\n")
+    assert WriteThrough.chunks == written
+    assert await gateway.available("acme", "general") == 96  # 2 x 1 + 1 x 2, not the hold of 10
+    held = await reservation(gateway, resp.headers["X-Reservation-Id"])
+    assert (held["state"], held["charged"]) == ("committed", 4)
 
 
 async def test_a_truthy_stream_flag_still_asks_for_usage(gateway: Gateway) -> None:

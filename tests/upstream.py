@@ -3,7 +3,8 @@
 ``?behave=ok`` (default) JSON echo of what arrived; ``status=N`` answers N;
 ``hang`` never answers; ``reset`` drops the connection before answering;
 ``sse`` streams events, the second only once ``sse_gate`` is set;
-``sse_reset`` sends one event and drops the connection; ``slow=S`` waits S seconds first.
+``sse_reset`` sends one event and drops the connection; ``slow=S`` waits S seconds first;
+``size=N`` answers N bytes at once, chunked in writes of ``chunk=M`` bytes when given.
 ``usage`` answers like an OpenAI-compatible chat backend reporting ``prompt=``,
 ``cached=`` and ``completion=`` (JSON, or SSE when the body says ``"stream": true``; its
 final usage chunk only when ``stream_options.include_usage`` is true); ``anthropic`` the
@@ -37,6 +38,7 @@ class Upstream:
     finished: list[str] = field(default_factory=list)  # paths whose answer was fully written
     in_flight: int = 0
     max_in_flight: int = 0
+    sent: int = 0  # bytes of chunked large answers written so far (``size`` with ``chunk``)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -82,6 +84,16 @@ class Upstream:
             return response
         if behave in ("usage", "anthropic"):
             return await self._usage(request, body, behave == "anthropic")
+        if "size" in q and "chunk" in q:  # the same, chunked, counting what it has sent
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)
+            size, chunk = int(q["size"]), b"x" * int(q["chunk"])
+            while self.sent < size:
+                await response.write(chunk[: size - self.sent])
+                self.sent += min(len(chunk), size - self.sent)
+            await response.write_eof()
+            self.finished.append(request.path)
+            return response
         if "size" in q:  # a large answer, sent as fast as the connection takes it
             self.finished.append(request.path)
             return web.Response(body=b"x" * int(q["size"]), content_type="application/octet-stream")
