@@ -292,8 +292,8 @@ class Exchange:
         # settlement; a sized body ends with its last byte, so that byte is held back.
         # (A deferred commit settles after the answer: nothing is held back.)
         to_go = None if self.deferred else upstream.content_length
-        if meter is None and upstream.content_length is None and not self.client_gone:
-            write_through(chunks, await response.prepare(self.request))  # prepared above
+        if upstream.content_length is None and not self.client_gone:  # writer prepared above
+            write_through(chunks, await response.prepare(self.request), meter)
         held_back = b""
         try:
             async for chunk in chunks:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +36,12 @@ class ExchangeOverdue(Exception):
     """The exchange reached its deadline before the upstream finished."""
 
 
+class Meter(Protocol):
+    """What reads a body's chunks on the way (``metering.UsageReader``)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+
 class WriteThrough:
     """Counts of the chunks written straight through to clients (for tests and tuning)."""
 
@@ -45,17 +51,19 @@ class WriteThrough:
 class _Sink:
     """Where an upstream body's chunks go while they can go straight to the client."""
 
-    __slots__ = ("reader", "transport", "writer")
+    __slots__ = ("meter", "reader", "transport", "writer")
 
     def __init__(
         self,
         reader: StreamReader,
         writer: StreamWriter,
         transport: asyncio.Transport,
+        meter: Meter | None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.transport = transport
+        self.meter = meter
 
     def write(self, data: bytes) -> bool:
         """Write ``data`` to the client now, if it can take it without waiting."""
@@ -74,6 +82,8 @@ class _Sink:
         else:  # it waited before writing (a compressing writer would): the relay writes it
             step.close()
             return False
+        if self.meter is not None:
+            self.meter.feed(data)
         WriteThrough.chunks += 1
         return True
 
@@ -185,16 +195,17 @@ class UpstreamBody:
             self._expired = True
             self._task.cancel()  # the read is the only thing the task waits for meanwhile
 
-    def write_through(self, writer: StreamWriter) -> None:
+    def write_through(self, writer: StreamWriter, meter: Meter | None = None) -> None:
         """From now on, a chunk that arrives while none waits to be read and the client
-        can take it at once is written to ``writer`` as it arrives, without waking the
-        reading task; the reads see the others, and the end or the failure, as before. The
-        time a read waits meanwhile is the upstream's: the client never made it wait."""
+        can take it at once is written to ``writer`` (then fed to ``meter``) as it
+        arrives, without waking the reading task; the reads see the others, and the end
+        or the failure, as before. The time a read waits meanwhile is the upstream's: the
+        client never made it wait."""
         reader = self._content
         if type(reader) is not StreamReader or reader.is_eof() or writer.transport is None:
             return  # not aiohttp's plain reader: every chunk goes through the reads
         reader.__class__ = _WrittenThrough
-        _SINKS[id(reader)] = _Sink(reader, writer, writer.transport)
+        _SINKS[id(reader)] = _Sink(reader, writer, writer.transport, meter)
         self._through = True
 
     def close(self) -> None:
@@ -207,13 +218,16 @@ class UpstreamBody:
             self._content.__class__ = StreamReader
 
 
-def write_through(chunks: AsyncIterator[bytes], writer: AbstractStreamWriter | None) -> None:
+def write_through(
+    chunks: AsyncIterator[bytes],
+    writer: AbstractStreamWriter | None,
+    meter: Meter | None = None,
+) -> None:
     """``UpstreamBody.write_through`` when ``chunks`` is one and ``writer`` is aiohttp's
     (a body already partly read, or another writer: every chunk goes through the reads).
-    Only for what the relay passes on untouched: a body with no last byte to hold back
-    and no usage to read (a usage-priced stream measured slower written through)."""
+    Only for a body with no last byte to hold back."""
     if isinstance(chunks, UpstreamBody) and isinstance(writer, StreamWriter):
-        chunks.write_through(writer)
+        chunks.write_through(writer, meter)
 
 
 async def prefixed(prefix: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -291,9 +291,11 @@ async def test_a_stream_asks_for_usage_relays_every_byte_and_ends_with_its_charg
     assert (held["state"], held["charged"]) == ("committed", 10)
 
 
-async def test_a_paced_stream_is_read_by_its_meter_chunk_by_chunk(gateway: Gateway) -> None:
-    """Events arriving one by one all pass the meter, the last one's usage included: a
-    usage-priced stream is relayed through the reads, never written through."""
+async def test_a_stream_written_through_is_charged_by_the_usage_in_its_chunks(
+    gateway: Gateway,
+) -> None:
+    """Paced events go to the client as they arrive, not through the relay's reads; the
+    meter still reads each of them, the last one's usage included."""
     written = WriteThrough.chunks
     resp = await gateway.client.post(
         "/v1/metered/chat?behave=usage&prompt=2&completion=1&pause=0.05",
@@ -302,7 +304,7 @@ async def test_a_paced_stream_is_read_by_its_meter_chunk_by_chunk(gateway: Gatew
     )
     body = await resp.read()
     assert body.endswith(b"data: [DONE]\n\n: tokens-charged=4\n\n")
-    assert WriteThrough.chunks == written
+    assert WriteThrough.chunks - written >= 3
     assert await gateway.available("acme", "general") == 96  # 2 x 1 + 1 x 2, not the hold of 10
     held = await reservation(gateway, resp.headers["X-Reservation-Id"])
     assert (held["state"], held["charged"]) == ("committed", 4)
