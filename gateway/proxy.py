@@ -88,8 +88,8 @@ class _Sink:
         return True
 
 
-# The sinks of the bodies being written through, by their reader's id (a sink names its
-# reader, so an id is never reused while its sink is here).
+# The sinks of the bodies being written through, by their reader's id (a sink holds its
+# reader, so no other object can have that id while its sink is here).
 _SINKS: dict[int, _Sink] = {}
 
 
@@ -102,7 +102,7 @@ class _WrittenThrough(StreamReader):
 
     def feed_data(self, data: bytes, size: int = 0) -> bool:
         sink = _SINKS.get(id(self))
-        if sink is not None and sink.reader is self and not self._buffer and sink.write(data):
+        if sink is not None and not self._buffer and sink.write(data):
             return False
         return super().feed_data(data, size)
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +41,9 @@ SECRET = "test-secret-" + "x" * 40
 ENVIRON = {"GATEWAY_JWT_SECRET": SECRET}
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]] | None:
     """The tests' event loop is the one ``gateway serve`` runs on (``runtime.run_async``):
     uvloop when it is installed. Its transports differ from asyncio's (they are not
     ``asyncio.WriteTransport``s, say), and the tests must meet the ones served."""

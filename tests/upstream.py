@@ -87,10 +87,12 @@ class Upstream:
         if "size" in q and "chunk" in q:  # the same, chunked, counting what it has sent
             response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
             await response.prepare(request)
-            size, chunk = int(q["size"]), b"x" * int(q["chunk"])
-            while self.sent < size:
-                await response.write(chunk[: size - self.sent])
-                self.sent += min(len(chunk), size - self.sent)
+            size, chunk, sent = int(q["size"]), b"x" * int(q["chunk"]), 0
+            while sent < size:
+                piece = chunk[: size - sent]
+                await response.write(piece)
+                sent += len(piece)
+                self.sent += len(piece)
             await response.write_eof()
             self.finished.append(request.path)
             return response
